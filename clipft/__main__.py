@@ -1,0 +1,5 @@
+import sys
+
+from clipft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""``clipft``: fit | validate | info — recipes in, run folders out.
+
+Examples:
+  clipft fit recipes/quickstart.yaml
+  clipft fit recipes/quickstart.yaml optim.lr=5e-4 trainer.max_steps=200
+  clipft fit recipes/quickstart.yaml run.resume=last
+  clipft info recipes/finetune.yaml model.name=ViT-B-32
+  clipft validate recipes/quickstart.yaml --ckpt runs/quickstart/<time>/checkpoints/best.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+OVERRIDES_HELP = "config overrides as key=value (for example optim.lr=1e-4 data.batch_size=64)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipft",
+        description="Adapt CLIP-like (open_clip) models after pre-training, with PyTorch Lightning.",
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    fit = verbs.add_parser(
+        "fit",
+        help="train a model with a recipe",
+        description="Train with RECIPE. Leaves runs/<run.name>/<time>/ holding config.yaml, "
+        "checkpoints/{last,best}.ckpt, metrics.csv, report.json and curves.png. "
+        "Resume an interrupted run with run.resume=last.",
+    )
+    fit.add_argument("recipe", help="recipe YAML (see recipes/)")
+    fit.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+    val = verbs.add_parser(
+        "validate",
+        help="evaluate a model with a recipe's evaluation, without training",
+        description="Run the recipe's validation (loss, retrieval, zero-shot) on the recipe's model "
+        "(model.name + model.pretrained) or on a clipft checkpoint, and write report.json.",
+    )
+    val.add_argument("recipe", help="recipe YAML")
+    val.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    val.add_argument("--ckpt", help="a clipft checkpoint (.ckpt) to evaluate instead of model.pretrained")
+
+    info = verbs.add_parser(
+        "info",
+        help="print the resolved config and the parameter counts",
+        description="Print the resolved config (recipe + includes + overrides) and the total and trainable "
+        "parameter counts per tower, without loading data or training.",
+    )
+    info.add_argument("recipe", help="recipe YAML")
+    info.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    return parser
+
+
+def _prepare_environment(recipe: str, overrides: list[str]) -> None:
+    """Settings that must be in the environment before torch starts its thread pools."""
+    from clipft.config import peek
+
+    policy = peek(recipe, overrides, "run.omp_wait_policy", "PASSIVE")
+    os.environ.setdefault("OMP_WAIT_POLICY", str(policy))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    _prepare_environment(args.recipe, list(args.overrides))
+
+    from clipft.config import ConfigError, load_config, to_yaml
+    from clipft.data.table import DataError
+    from clipft.models import ModelError
+
+    try:
+        cfg = load_config(args.recipe, list(args.overrides))
+        from clipft import runner
+
+        if args.verb == "info":
+            result = runner.info(cfg)
+            print(to_yaml(cfg), end="")
+            print("parameters:")
+            for part, counts in result["parameters"].items():
+                print(f"  {part:6s} total {counts['total']:>13,}  trainable {counts['trainable']:>13,}")
+            return 0
+        if args.verb == "fit":
+            report = runner.fit(cfg)
+        else:
+            report = runner.validate(cfg, args.ckpt)
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+        print(f"clipft: error: {err}", file=sys.stderr)
+        return 2
+    _print_report(report)
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    metrics = report.get("metrics", {})
+    print(f"\nrun folder: {report.get('run_dir')}")
+    for key in ("steps", "train_time_s", "steps_per_s", "best_checkpoint", "last_checkpoint"):
+        if report.get(key) is not None:
+            print(f"{key}: {report[key]}")
+    shown = {k: v for k, v in metrics.items() if not k.endswith(("n_images", "n_texts"))}
+    if shown:
+        width = max(map(len, shown))
+        print("final validation:")
+        for key, value in shown.items():
+            print(f"  {key:{width}s}  {value:.4f}")
+    print(json.dumps({"report": os.path.join(str(report.get("run_dir")), "report.json")}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Typed run configuration: recipe YAML + included building blocks + command-line overrides.
+
+A recipe maps one-to-one onto :class:`RunConfig`. It may name building blocks to merge first
+(``include: [../configs/model/tiny.yaml, ...]``); the recipe's own keys then win, and
+``key=value`` overrides from the command line win over both. Everything is validated here,
+before any model or data is built: an unknown key fails with the nearest valid names, a
+value of the wrong type fails naming the key, a missing included file fails naming it.
+
+This module imports no torch, so that the CLI can read a recipe (and set thread settings
+that must be in the environment before torch starts) quickly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A recipe, an included file or an override is wrong; the message says where."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    out_dir: str = "runs"  # run folder: <out_dir>/<name>/<timestamp>/
+    seed: int = 0
+    # "last": continue the newest run of this name that has a last checkpoint;
+    # or a run folder / a .ckpt path. null: start a new run.
+    resume: Optional[str] = None
+    # torch intra-op threads for CPU work; 0 = the cores this process may use.
+    threads: int = 0
+    # OpenMP waiting: PASSIVE avoids the 10x slowdown of spinning threads on a busy machine.
+    # Applied by the CLI before torch is imported (an OMP_WAIT_POLICY already in the
+    # environment wins).
+    omp_wait_policy: str = "PASSIVE"
+    checkpoint_every_n_steps: int = 200  # how often last.ckpt is refreshed (also at the end)
+    monitor: str = "val/loss"  # metric that picks the best checkpoint
+    monitor_mode: str = "min"  # min | max
+    plot: bool = True  # training curves PNG in the run folder
+
+
+@dataclass
+class ModelConfig:
+    # Any open_clip model name (ViT-B-32, RN50, ...) or one shipped by clipft (clipft-tiny-vit).
+    name: str = "clipft-tiny-vit"
+    # null (random init), an open_clip pretrained tag (openai, laion2b_s34b_b79k, ...),
+    # or a local file: state dict (.pt/.bin/.safetensors), open_clip or clipft checkpoint.
+    pretrained: Optional[str] = None
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
+    grad_checkpointing: bool = False
+    cache_dir: Optional[str] = None  # where open_clip keeps downloaded weights
+
+
+@dataclass
+class SyntheticDataConfig:
+    seed: int = 0
+    train_size: int = 128_000  # samples per epoch (generated on the fly)
+    val_size: int = 1000  # held-out scenes for the validation loss and retrieval
+    image_size: int = 32
+    two_object_fraction: float = 0.6
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | csv (also .tsv and .jsonl files)
+    train: Optional[str] = None  # csv source: table of image paths and captions
+    val: Optional[str] = None
+    image_key: str = "filepath"  # column holding the image path (relative to the table)
+    caption_key: str = "title"  # column holding the caption
+    separator: Optional[str] = None  # null: from the extension (.csv ",", .tsv tab)
+    on_bad_sample: str = "error"  # error | skip (skipped rows are counted and reported)
+    batch_size: int = 128
+    val_batch_size: Optional[int] = None  # null: same as batch_size
+    num_workers: int = 0
+    pin_memory: Optional[bool] = None  # null: on when training on a GPU
+    train_transform: str = "train"  # train | val: which of the model's preprocess to train with
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; a method registers a subclass with its own fields."""
+
+    name: str = "finetune"
+    # Weight of each named loss term; a term the method computes but that is not listed
+    # has weight 1.0.
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: Optional[int] = None  # null: warmup_fraction of the total steps
+    warmup_fraction: float = 0.0
+    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    min_lr: float = 0.0
+    logit_scale_max: float = 100.0  # clamp of exp(logit_scale) after each step, as open_clip
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    # open_clip names (fp32, amp, amp_bf16, pure_bf16, pure_fp16) or Lightning names (32-true, ...)
+    precision: str = "fp32"
+    max_steps: int = -1
+    max_epochs: Optional[int] = None
+    val_check_interval: Optional[Any] = None  # int: every n steps; float: fraction of an epoch
+    check_val_every_n_epoch: Optional[int] = 1
+    limit_train_batches: Optional[Any] = None
+    limit_val_batches: Optional[Any] = None
+    num_sanity_val_steps: int = 0
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class ZeroShotTaskConfig:
+    name: str = "zeroshot"
+    # synthetic: a built-in task of the synthetic data set; csv: a table of images and labels
+    source: str = "synthetic"
+    task: str = "shape"  # synthetic: shape | colour | object
+    split: str = "val"  # synthetic: val (seen combinations) | novel (held-out combinations)
+    size: int = 600  # synthetic: number of one-object images
+    data: Optional[str] = None  # csv: path of the table
+    image_key: str = "filepath"
+    label_key: str = "label"
+    classnames: Optional[list[str]] = None  # csv: null = the sorted distinct labels
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    ensemble: str = "mean"  # mean (OpenAI) | max (max score over templates)
+
+
+@dataclass
+class RetrievalEvalConfig:
+    enabled: bool = True
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class EvalConfig:
+    retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    zeroshot: list[ZeroShotTaskConfig] = field(default_factory=list)
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run.monitor_mode": ("min", "max"),
+    "run.omp_wait_policy": ("PASSIVE", "ACTIVE"),
+    "data.source": ("synthetic", "csv"),
+    "data.on_bad_sample": ("error", "skip"),
+    "data.train_transform": ("train", "val"),
+    "optim.schedule": ("cosine", "constant"),
+    "eval.zeroshot.source": ("synthetic", "csv"),
+    "eval.zeroshot.task": ("shape", "colour", "object"),
+    "eval.zeroshot.split": ("val", "novel"),
+    "eval.zeroshot.ensemble": ("mean", "max"),
+}
+
+# --------------------------------------------------------------------------- method registry
+
+_METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"finetune": MethodConfig}
+
+
+def register_method_config(name: str) -> Callable[[type[MethodConfig]], type[MethodConfig]]:
+    """Class decorator: the config dataclass used when ``method.name == name``."""
+
+    def wrap(cls: type[MethodConfig]) -> type[MethodConfig]:
+        if not (dataclasses.is_dataclass(cls) and issubclass(cls, MethodConfig)):
+            raise TypeError(f"{cls!r} must be a dataclass subclass of MethodConfig")
+        _METHOD_CONFIGS[name] = cls
+        return cls
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    return sorted(_METHOD_CONFIGS)
+
+
+# --------------------------------------------------------------------------- loading
+
+INCLUDE_KEY = "include"
+
+
+def _resolve_include(entry: str, including_file: Path) -> Path:
+    """An include is looked up next to the including file, then in its parent folders, then
+    in the working directory, so ``configs/model/tiny.yaml`` works from ``recipes/x.yaml``."""
+    candidate = Path(os.path.expanduser(entry))
+    if candidate.is_absolute():
+        if candidate.is_file():
+            return candidate
+        searched = [candidate]
+    else:
+        searched = [d / candidate for d in [including_file.parent, *including_file.parent.parents]]
+        searched.append(Path.cwd() / candidate)
+        for path in searched:
+            if path.is_file():
+                return path
+    raise ConfigError(
+        f"{including_file}: included file '{entry}' not found (looked in: "
+        + ", ".join(str(p.parent) for p in searched[:3])
+        + (", ..." if len(searched) > 3 else "")
+        + ")"
+    )
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """Return the (source name, config) layers of a file: its includes first, then itself."""
+    if not path.is_file():
+        raise ConfigError(f"recipe file '{path}' not found")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: include cycle: " + " -> ".join(str(p) for p in chain))
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if loaded is None:
+        loaded = OmegaConf.create({})
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a list")
+    layers: list[tuple[str, DictConfig]] = []
+    includes = loaded.pop(INCLUDE_KEY, None)
+    if includes is not None:
+        if isinstance(includes, str):
+            includes = [includes]
+        if not isinstance(includes, ListConfig):
+            raise ConfigError(f"{path}: '{INCLUDE_KEY}' must be a list of file paths")
+        for entry in includes:
+            included = _resolve_include(str(entry), path)
+            layers.extend(_read_yaml(included, chain + (path.resolve(),)))
+    layers.append((str(path), loaded))
+    return layers
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' must have the form key=value (for example optim.lr=1e-4)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"could not parse overrides {overrides}: {err}") from err
+
+
+def _dataclass_for(node: Any) -> Any:
+    return node if dataclasses.is_dataclass(node) else None
+
+
+def _check_keys(data: Any, schema: Any, prefix: str, source: str) -> None:
+    """Walk a user mapping against the schema dataclass; name unknown keys with the nearest
+    valid ones (OmegaConf's own message gives neither the file nor suggestions)."""
+    if not dataclasses.is_dataclass(schema) or not isinstance(data, DictConfig):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in data.keys():
+        key = str(key)
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            valid = ", ".join(sorted(fields))
+            where = f" under '{prefix[:-1]}'" if prefix else ""
+            raise ConfigError(f"{source}: unknown key '{full}'{hint} (valid keys{where}: {valid})")
+        value = getattr(schema, key)
+        child = data._get_node(key)
+        if dataclasses.is_dataclass(value):
+            _check_keys(child, value, full + ".", source)
+        elif isinstance(value, list) and isinstance(child, ListConfig):
+            item_schema = _list_item_schema(schema, key)
+            if item_schema is not None:
+                for i, item in enumerate(child):
+                    _check_keys(item, item_schema(), f"{full}[{i}].", source)
+
+
+def _list_item_schema(schema: Any, key: str) -> Optional[type]:
+    if type(schema) is EvalConfig and key == "zeroshot":
+        return ZeroShotTaskConfig
+    return None
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, _, leaf = dotted.rpartition(".")
+        if section == "eval.zeroshot":
+            nodes = [(f"eval.zeroshot[{i}].{leaf}", t.get(leaf)) for i, t in enumerate(cfg.eval.zeroshot)]
+        else:
+            nodes = [(dotted, OmegaConf.select(cfg, dotted))]
+        for where, value in nodes:
+            if value not in allowed:
+                raise ConfigError(f"{where}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def _method_name(layers: list[tuple[str, DictConfig]]) -> str:
+    name = "finetune"
+    for _, layer in layers:
+        value = OmegaConf.select(layer, "method.name", default=None)
+        if value is not None:
+            name = str(value)
+    return name
+
+
+def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None) -> DictConfig:
+    """Merge defaults, the recipe with its includes, and the overrides into a validated
+    (structured, typed) OmegaConf config."""
+    layers: list[tuple[str, DictConfig]] = []
+    if recipe is not None:
+        layers.extend(_read_yaml(Path(recipe)))
+    if overrides:
+        layers.append(("command-line override", _parse_overrides(overrides)))
+
+    method = _method_name(layers)
+    if method not in _METHOD_CONFIGS:
+        import clipft.methods  # noqa: F401  (registers every method's config)
+    if method not in _METHOD_CONFIGS:
+        close = difflib.get_close_matches(method, list(_METHOD_CONFIGS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"method.name: unknown method '{method}'{hint} (known: {', '.join(method_names())})")
+    schema = RunConfig(method=_METHOD_CONFIGS[method](name=method))
+    cfg = OmegaConf.structured(schema)
+    for source, layer in layers:
+        _check_keys(layer, schema, "", source)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or "?"
+            msg = str(err).splitlines()[0]
+            raise ConfigError(f"{source}: bad value for '{key}': {msg}") from err
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"could not resolve interpolation: {err}") from err
+    _check_choices(cfg)
+    return cfg
+
+
+def load_config(recipe: Optional[str | Path], overrides: Optional[list[str]] = None) -> RunConfig:
+    """The typed :class:`RunConfig` of a recipe plus overrides (see :func:`compose`)."""
+    return to_object(compose(recipe, overrides))
+
+
+def to_object(cfg: DictConfig) -> RunConfig:
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RunConfig)
+    return obj
+
+
+def to_dict(cfg: RunConfig | DictConfig) -> dict[str, Any]:
+    """Plain-Python dict (no OmegaConf objects): safe to store in a checkpoint that
+    ``torch.load(weights_only=True)`` reads."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    container = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from :func:`to_dict` output (for example from a checkpoint)."""
+    overrides_free = OmegaConf.create(data)
+    method = str(OmegaConf.select(overrides_free, "method.name", default="finetune"))
+    if method not in _METHOD_CONFIGS:
+        import clipft.methods  # noqa: F401
+    if method not in _METHOD_CONFIGS:
+        raise ConfigError(f"method.name: unknown method '{method}' (known: {', '.join(method_names())})")
+    schema = OmegaConf.structured(RunConfig(method=_METHOD_CONFIGS[method](name=method)))
+    return to_object(OmegaConf.merge(schema, overrides_free))
+
+
+def to_yaml(cfg: RunConfig | DictConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def peek(recipe: Optional[str | Path], overrides: list[str], key: str, default: Any = None) -> Any:
+    """Read one value from recipe + overrides without validation or torch (used by the CLI
+    for settings that must be applied before torch is imported). Errors are left to
+    :func:`compose`."""
+    value = default
+    try:
+        layers = _read_yaml(Path(recipe)) if recipe is not None else []
+        layers.append(("overrides", _parse_overrides(overrides)))
+    except ConfigError:
+        return default
+    for _, layer in layers:
+        found = OmegaConf.select(layer, key, default=None)
+        if found is not None:
+            value = found
+    return value

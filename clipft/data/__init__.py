@@ -1,0 +1,6 @@
+"""Data sources (synthetic scenes, CSV/TSV/JSONL tables) and the Lightning data module."""
+
+from clipft.data.datamodule import Batch, ImageTextDataModule, TransformedImages
+from clipft.data.table import DataError, Table, read_table
+
+__all__ = ["Batch", "DataError", "ImageTextDataModule", "Table", "TransformedImages", "read_table"]

@@ -1,0 +1,202 @@
+"""``ImageTextDataModule``: image-caption pairs from a source, with the model's own
+preprocess and tokenizer, as :class:`Batch` objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from clipft.config import DataConfig
+from clipft.data.synthetic import SyntheticScenes
+from clipft.data.table import Table, load_rgb, read_table
+
+
+@dataclass
+class Batch:
+    """What every method's step receives. ``image_ids`` and ``captions`` let evaluation
+    deduplicate images (several captions per image) and texts (shared caption strings)."""
+
+    images: torch.Tensor  # [B, 3, H, W], preprocessed
+    texts: torch.Tensor  # [B, L] token ids
+    captions: list[str]
+    image_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+# ------------------------------------------------------------------------ fetchers
+# A fetcher maps an index to (PIL image, target, image id). They are small classes, not
+# lambdas, so that DataLoader workers can pickle them.
+
+
+class SyntheticFetch:
+    """Synthetic scenes; the target is the caption, or a class index for ``label_task``."""
+
+    def __init__(self, scenes: SyntheticScenes, label_task: Optional[str] = None) -> None:
+        self.scenes = scenes
+        self.label_task = label_task
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __call__(self, index: int) -> tuple[Image.Image, Any, str]:
+        from clipft.data.synthetic import label_of
+
+        item = self.scenes[index]
+        target = item["caption"] if self.label_task is None else label_of(item["scene"], self.label_task)
+        return Image.fromarray(item["image"]), target, f"synthetic:{self.scenes.split}:{index}"
+
+
+class TableFetch:
+    """Rows of a checked table; targets are the captions, or class indices via ``label_to_index``."""
+
+    def __init__(self, table: Table, label_to_index: Optional[dict[str, int]] = None) -> None:
+        self.table = table
+        self.label_to_index = label_to_index
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __call__(self, index: int) -> tuple[Image.Image, Any, str]:
+        path = self.table.images[index]
+        text = self.table.texts[index]
+        target = text if self.label_to_index is None else self.label_to_index[text]
+        return load_rgb(path), target, str(path)
+
+
+class TransformedImages(Dataset):
+    """(transformed image tensor, target, image id) items from a fetcher."""
+
+    def __init__(self, fetch: Callable[[int], tuple[Image.Image, Any, str]], transform: Callable[[Any], torch.Tensor]):
+        self.fetch = fetch
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.fetch)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, str]:
+        image, target, image_id = self.fetch(index)
+        return self.transform(image), target, image_id
+
+
+class CollatePairs:
+    """Stack images and tokenize the batch's captions in one call (in the worker)."""
+
+    def __init__(self, tokenizer: Callable[..., torch.Tensor]) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: Sequence[tuple[torch.Tensor, str, str]]) -> Batch:
+        images, captions, image_ids = zip(*items)
+        return Batch(torch.stack(images), self.tokenizer(list(captions)), list(captions), list(image_ids))
+
+
+def collate_labelled(items: Sequence[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels, _ = zip(*items)
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------ data module
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    """Train and validation pairs of one source (``data.source``: synthetic | csv).
+
+    Sources are read and checked in :meth:`prepare_sources` (called by ``setup``, and by the
+    CLI before the model is built, so that bad data fails before anything else happens).
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        preprocess_train: Callable[[Any], torch.Tensor],
+        preprocess_val: Callable[[Any], torch.Tensor],
+        tokenizer: Callable[..., torch.Tensor],
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.preprocess_train = preprocess_train if cfg.train_transform == "train" else preprocess_val
+        self.preprocess_val = preprocess_val
+        self.collate = CollatePairs(tokenizer)
+        self.seed = seed
+        self.train_fetch: Optional[Callable[[int], Any]] = None
+        self.val_fetch: Optional[Callable[[int], Any]] = None
+
+    def prepare_sources(self) -> None:
+        if self.train_fetch is not None:
+            return
+        cfg = self.cfg
+        if cfg.source == "synthetic":
+            s = cfg.synthetic
+            self.train_fetch = SyntheticFetch(
+                SyntheticScenes("train", s.train_size, s.seed, s.image_size, s.two_object_fraction)
+            )
+            self.val_fetch = SyntheticFetch(SyntheticScenes("val", s.val_size, s.seed, s.image_size, s.two_object_fraction))
+        elif cfg.source == "csv":
+            if not cfg.train:
+                raise ValueError("data.train: a table path is required when data.source=csv")
+            self.train_fetch = TableFetch(self._table(cfg.train))
+            self.val_fetch = TableFetch(self._table(cfg.val)) if cfg.val else None
+        else:  # config validation already names the allowed values
+            raise ValueError(f"data.source: unknown source '{cfg.source}'")
+
+    def _table(self, path: str) -> Table:
+        cfg = self.cfg
+        return read_table(path, cfg.image_key, cfg.caption_key, cfg.separator, cfg.on_bad_sample)
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes and skipped-row counts, for the run report."""
+        self.prepare_sources()
+        out: dict[str, Any] = {"source": self.cfg.source, "train_size": len(self.train_fetch)}  # type: ignore[arg-type]
+        out["val_size"] = len(self.val_fetch) if self.val_fetch is not None else 0  # type: ignore[arg-type]
+        for split, fetch in (("train", self.train_fetch), ("val", self.val_fetch)):
+            if isinstance(fetch, TableFetch):
+                out[f"{split}_skipped_rows"] = len(fetch.table.skipped)
+        return out
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare_sources()
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        cfg = self.cfg
+        pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=cfg.num_workers,
+            pin_memory=pin,
+            persistent_workers=cfg.num_workers > 0,
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            worker_init_fn=_seed_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.prepare_sources()
+        assert self.train_fetch is not None
+        return self._loader(TransformedImages(self.train_fetch, self.preprocess_train), self.cfg.batch_size, True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.prepare_sources()
+        if self.val_fetch is None:
+            return []
+        size = self.cfg.val_batch_size or self.cfg.batch_size
+        return self._loader(TransformedImages(self.val_fetch, self.preprocess_val), size, False)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Distinct, reproducible numpy/random state per worker (for random augmentations)."""
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,161 @@
+"""Image-text (or image-label) tables: CSV, TSV or JSON Lines, image paths relative to the file.
+
+Everything is checked when the table is read, before any training: the columns, every
+image (exists and opens as an image), every caption (not empty). A bad row is an error that
+names the file and line, or, with ``on_bad_sample="skip"``, is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file and line."""
+
+
+@dataclass
+class Table:
+    """The usable rows of a table: image path, text (caption or label) and source line."""
+
+    path: Path
+    images: list[Path] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # one reason per skipped row
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _separator(path: Path, separator: Optional[str]) -> str:
+    if separator is not None:
+        return "\t" if separator in ("\\t", "tab") else separator
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _rows(path: Path, separator: Optional[str]) -> Iterator[tuple[int, dict[str, Any], list[str]]]:
+    """Yield (line number, row, column names) for CSV/TSV (header line 1) or JSONL."""
+    if path.suffix.lower() in (".jsonl", ".json"):
+        columns: list[str] = []
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}, line {line_no}: each line must be a JSON object")
+                columns = list(row)
+                yield line_no, row, columns
+        return
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=_separator(path, separator))
+        columns = list(reader.fieldnames or [])
+        for row in reader:
+            yield reader.line_num, row, columns
+
+
+def read_table(
+    path: str | Path,
+    image_key: str,
+    text_key: str,
+    separator: Optional[str] = None,
+    on_bad_sample: str = "error",
+    check_images: bool = True,
+    what: str = "caption",
+) -> Table:
+    """Read and check a table of image paths and texts.
+
+    Args:
+        path: .csv, .tsv or .jsonl file; image paths in it are relative to its folder.
+        image_key, text_key: column names of the image path and the caption (or label).
+        on_bad_sample: ``"error"`` stops at the first bad row; ``"skip"`` drops and counts it.
+        check_images: open every image header (fast, no decoding) to catch unreadable files.
+        what: the name of the text column's meaning in messages ("caption", "label").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file '{path}' not found")
+    table = Table(path=path)
+    root = path.parent
+    first = True
+    rows = _rows(path, separator)
+    if check_images:
+        rows = _progress(rows, path)
+    for line_no, row, columns in rows:
+        if first:
+            for key, role in ((image_key, "image path"), (text_key, what)):
+                if key not in columns:
+                    raise DataError(
+                        f"{path}: missing {role} column '{key}' (columns: {', '.join(map(str, columns)) or 'none'}); "
+                        f"set data.image_key / data.caption_key (or the eval task's keys) to the right names"
+                    )
+            first = False
+        problem = _check_row(row, image_key, text_key, root, check_images, what)
+        if problem is not None:
+            message = f"{path}, line {line_no}: {problem}"
+            if on_bad_sample != "skip":
+                raise DataError(message + " (set data.on_bad_sample=skip to skip such rows)")
+            table.skipped.append(message)
+            continue
+        table.images.append(root / str(row[image_key]).strip())
+        table.texts.append(str(row[text_key]).strip())
+        table.lines.append(line_no)
+    if first and not table.skipped:
+        raise DataError(f"{path}: the file has no rows")
+    if not table.images:
+        raise DataError(f"{path}: no usable rows ({len(table.skipped)} skipped; first: {table.skipped[0]})")
+    if table.skipped:
+        log.warning("%s: skipped %d bad rows (first: %s)", path, len(table.skipped), table.skipped[0])
+    return table
+
+
+def _check_row(
+    row: dict[str, Any], image_key: str, text_key: str, root: Path, check_images: bool, what: str
+) -> Optional[str]:
+    image = row.get(image_key)
+    text = row.get(text_key)
+    if image is None or not str(image).strip():
+        return "empty image path"
+    if text is None or not str(text).strip():
+        return f"empty {what}"
+    image_path = root / str(image).strip()
+    if not image_path.is_file():
+        return f"image '{image_path}' not found"
+    if check_images:
+        try:
+            with Image.open(image_path) as im:
+                im.verify()
+        except Exception as err:  # PIL raises many types for broken files
+            return f"image '{image_path}' cannot be read ({type(err).__name__}: {err})"
+    return None
+
+
+def _progress(rows: Iterator[Any], path: Path) -> Iterator[Any]:
+    """A progress bar for long tables (checking images takes a while on big data sets)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with lightning
+        return rows
+    return iter(tqdm(rows, desc=f"checking {path.name}", unit=" rows", mininterval=2.0, leave=False, delay=3.0))
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as RGB; the error names the file (a file can break after the check)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as err:
+        raise DataError(f"image '{path}' cannot be read ({type(err).__name__}: {err})") from err

@@ -1,0 +1,188 @@
+"""Evaluation callbacks: retrieval and zero-shot classification, logged as
+``val/<task>/<metric>`` at the end of every validation, and the run report.
+
+They are the pattern for every later evaluation: take a data source (or the features the
+method's ``validation_step`` returns) and a tokenizer, compute features once per
+validation, log, and let :class:`RunReport` write ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clipft.data.datamodule import collate_labelled
+from clipft.eval.metrics import (
+    build_zero_shot_classifier,
+    relevance_from_pairs,
+    retrieval_recall,
+    topk_accuracy,
+    zero_shot_logits,
+)
+
+
+def _gather_objects(trainer: L.Trainer, items: list[Any]) -> list[Any]:
+    if trainer.world_size == 1:
+        return items
+    gathered: list[list[Any]] = [[] for _ in range(trainer.world_size)]
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+def _gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
+    if pl_module.trainer.world_size == 1:
+        return rows
+    return pl_module.all_gather(rows).reshape(-1, *rows.shape[1:])
+
+
+class RetrievalCallback(L.Callback):
+    """Image→text and text→image R@K on the validation pairs.
+
+    Reuses the features that the method's ``validation_step`` returns, so nothing is
+    encoded twice. Several captions per image are supported (an image hits if any of its
+    captions is in the top K), and identical caption strings count as one caption relevant
+    to every image they describe, so R@K stays well defined on templated captions.
+    """
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10), name: str = "retrieval") -> None:
+        self.ks = tuple(ks)
+        self.name = name
+        self._reset()
+
+    def _reset(self) -> None:
+        self.image_features: list[torch.Tensor] = []
+        self.text_features: list[torch.Tensor] = []
+        self.captions: list[str] = []
+        self.image_ids: list[str] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, dict) or "image_features" not in outputs:
+            return
+        self.image_features.append(outputs["image_features"].float())
+        self.text_features.append(outputs["text_features"].float())
+        self.captions.extend(batch.captions)
+        self.image_ids.extend(batch.image_ids)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.image_features:
+            return
+        images = _gather_rows(pl_module, torch.cat(self.image_features))
+        texts = _gather_rows(pl_module, torch.cat(self.text_features))
+        captions = _gather_objects(trainer, self.captions)
+        image_ids = _gather_objects(trainer, self.image_ids)
+        relevance, image_rows, text_rows = relevance_from_pairs(image_ids, captions)
+        metrics = retrieval_recall(images[image_rows], texts[text_rows], relevance, self.ks)
+        metrics["n_images"], metrics["n_texts"] = relevance.shape
+        for key, value in metrics.items():
+            pl_module.log(f"val/{self.name}/{key}", float(value), sync_dist=False, rank_zero_only=False)
+        self._reset()
+
+
+@dataclass
+class ZeroShotTask:
+    """Images with integer labels, class names, and the prompts of each class."""
+
+    name: str
+    dataset: Dataset  # items: (image tensor, label, image id)
+    class_names: list[str]
+    templates: Sequence[str] | Callable[[str], Sequence[str]]
+    ensemble: str = "mean"
+
+
+class ZeroShotCallback(L.Callback):
+    """Zero-shot classification: class names x prompt templates → classifier; top-1/top-5.
+
+    Templates are combined by the mean of their embeddings (OpenAI) or by the maximum score
+    over templates (see :func:`clipft.eval.metrics.zero_shot_logits`). Every rank computes
+    the same numbers (under ZeRO-3 every rank must join every forward anyway).
+    """
+
+    def __init__(self, tasks: Sequence[ZeroShotTask], batch_size: int = 256, num_workers: int = 0) -> None:
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    @torch.no_grad()
+    def evaluate(self, pl_module: Any, task: ZeroShotTask) -> dict[str, float]:
+        device = pl_module.device
+        trainer = pl_module._trainer
+        precision = trainer.precision_plugin if trainer is not None else None
+
+        def encode_text(prompts: list[str]) -> torch.Tensor:
+            tokens = pl_module.tokenizer(prompts).to(device)
+            return pl_module.encode_text(tokens).float()
+
+        loader = DataLoader(
+            task.dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_labelled
+        )
+        features, labels = [], []
+        context = precision.forward_context() if precision is not None else torch.autocast("cpu", enabled=False)
+        with context:
+            classifier = build_zero_shot_classifier(encode_text, task.class_names, task.templates)
+            for images, batch_labels in loader:
+                images = images.to(device)
+                if precision is not None:
+                    images = precision.convert_input(images)
+                features.append(pl_module.encode_image(images).float())
+                labels.append(batch_labels.to(device))
+        logits = zero_shot_logits(torch.cat(features), classifier, task.ensemble)
+        return topk_accuracy(logits, torch.cat(labels), ks=(1, 5))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for task in self.tasks:
+            for key, value in self.evaluate(pl_module, task).items():
+                pl_module.log(f"val/zeroshot/{task.name}/{key}", value, sync_dist=False, rank_zero_only=False)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON via a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunReport(L.Callback):
+    """Writes ``report.json`` (the latest validation metrics, step and epoch, plus any
+    ``extra`` fields) after every validation, on rank 0."""
+
+    def __init__(self, path: Path, extra: Optional[dict[str, Any]] = None) -> None:
+        self.path = Path(path)
+        self.extra = dict(extra or {})
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.metrics = {
+            k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")
+        }
+        self.extra.update(global_step=trainer.global_step, epoch=trainer.current_epoch)
+        self.write(trainer)
+
+    def write(self, trainer: Optional[L.Trainer] = None) -> None:
+        if trainer is not None and not trainer.is_global_zero:
+            return
+        write_json_atomic(self.path, {**self.extra, "metrics": self.metrics})

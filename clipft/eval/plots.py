@@ -1,0 +1,68 @@
+"""Training curves from Lightning's ``metrics.csv``, saved as a PNG in the run folder."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+
+def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Series of (step, value) per metric column of a Lightning CSVLogger file."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with Path(path).open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            if not step:
+                continue
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                try:
+                    series[key].append((int(float(step)), float(value)))
+                except ValueError:
+                    continue
+    return dict(series)
+
+
+def plot_training_curves(metrics_csv: Path, out_png: Path, title: Optional[str] = None) -> Optional[Path]:
+    """Plot train/loss (and its terms), the learning rate and every val/* metric against
+    the step. Returns the PNG path, or None when there is nothing to plot."""
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    series = read_metrics_csv(metrics_csv)
+    train = {k: v for k, v in series.items() if k.startswith("train/") and k != "train/logit_scale"}
+    val = {k: v for k, v in series.items() if k.startswith("val/") and not k.endswith(("n_images", "n_texts"))}
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for key, points in sorted(train.items()):
+        steps, values = zip(*points)
+        axes[0].plot(steps, values, label=key, linewidth=1)
+    axes[0].set(xlabel="step", ylabel="loss", title="training loss")
+    axes[0].grid(alpha=0.3)
+    if train:
+        axes[0].legend(fontsize=8)
+    for key, points in sorted(val.items()):
+        if key == "val/loss" or any(k in key for k in ("r5", "r10", "top5")):
+            continue  # keep the panel readable: R@1, top-1 and mean R@1
+        steps, values = zip(*points)
+        axes[1].plot(steps, values, marker="o", label=key, linewidth=1)
+    axes[1].set(xlabel="step", ylabel="score", title="validation", ylim=(0, 1.02))
+    axes[1].grid(alpha=0.3)
+    if val:
+        axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

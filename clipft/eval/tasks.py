@@ -1,0 +1,45 @@
+"""Zero-shot tasks from the recipe's ``eval.zeroshot`` list (synthetic built-ins or tables)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+from clipft.config import ZeroShotTaskConfig
+from clipft.data import synthetic
+from clipft.data.datamodule import SyntheticFetch, TableFetch, TransformedImages
+from clipft.data.table import read_table
+from clipft.eval.callbacks import ZeroShotTask
+
+
+def build_zeroshot_task(
+    cfg: ZeroShotTaskConfig, preprocess_val: Callable[[Any], torch.Tensor], seed: int = 0, image_size: int = 32
+) -> ZeroShotTask:
+    """A task of the synthetic data set (one-object images; prompts are every caption of the
+    data's grammar that describes the class) or of a table of images and labels."""
+    if cfg.source == "synthetic":
+        scenes = synthetic.one_object_eval_set(cfg.split, cfg.size, seed, image_size)
+        return ZeroShotTask(
+            name=cfg.name,
+            dataset=TransformedImages(SyntheticFetch(scenes, label_task=cfg.task), preprocess_val),
+            class_names=synthetic.class_names(cfg.task),
+            templates=functools.partial(synthetic.prompts, cfg.task),
+            ensemble=cfg.ensemble,
+        )
+    if not cfg.data:
+        raise ValueError(f"eval.zeroshot '{cfg.name}': source=csv needs 'data' (a table of images and labels)")
+    table = read_table(cfg.data, cfg.image_key, cfg.label_key, what="label")
+    names = list(cfg.classnames) if cfg.classnames else sorted(set(table.texts))
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(table.texts) - set(index))
+    if unknown:
+        raise ValueError(f"{cfg.data}: labels not in eval.zeroshot '{cfg.name}' classnames: {unknown[:10]}")
+    return ZeroShotTask(
+        name=cfg.name,
+        dataset=TransformedImages(TableFetch(table, index), preprocess_val),
+        class_names=names,
+        templates=list(cfg.templates),
+        ensemble=cfg.ensemble,
+    )

@@ -1,0 +1,5 @@
+"""Losses as pure functions: tensors in, tensor out (no Lightning, no model code)."""
+
+from clipft.losses.contrastive import clip_contrastive_loss, clip_logits
+
+__all__ = ["clip_contrastive_loss", "clip_logits"]

@@ -1,0 +1,27 @@
+"""open_clip models by name, with pretrained weights from a tag or a local file.
+
+``build_model(ModelConfig)`` returns the model, its train/val image transforms and its
+tokenizer. clipft ships tiny open_clip configs (``clipft-tiny-vit``, ``clipft-small-vit``)
+so tests and the quickstart run in seconds on a CPU; they are registered with open_clip on
+import, so ``open_clip.create_model("clipft-tiny-vit")`` works too once clipft is imported.
+"""
+
+from clipft.models.factory import (
+    CONFIG_DIR,
+    ModelBundle,
+    ModelError,
+    build_model,
+    count_parameters,
+    load_pretrained_file,
+    read_state_dict,
+)
+
+__all__ = [
+    "CONFIG_DIR",
+    "ModelBundle",
+    "ModelError",
+    "build_model",
+    "count_parameters",
+    "load_pretrained_file",
+    "read_state_dict",
+]

@@ -1,0 +1,208 @@
+"""Build open_clip models; load pretrained weights with errors a user can act on."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import open_clip
+import torch
+from torch import nn
+
+from clipft.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+# Prefixes a state dict may carry: DDP ("module."), a clipft/Lightning checkpoint ("model.").
+_PREFIXES = ("module.", "model.")
+
+
+class ModelError(ValueError):
+    """A model name, pretrained tag or weights file that cannot be used; says what to do."""
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    preprocess_train: Callable[[Any], torch.Tensor]
+    preprocess_val: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _check_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    known = open_clip.list_models()
+    if name.replace("/", "-") not in known:
+        close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ModelError(
+            f"model.name: unknown open_clip model '{name}'.{hint} "
+            "(`python -c 'import clipft.models, open_clip; print(open_clip.list_models())'` lists them all)"
+        )
+
+
+def _is_tag(name: str, pretrained: str) -> bool:
+    return pretrained.lower() in {t.lower() for t in open_clip.list_pretrained_tags_by_model(name)}
+
+
+def build_model(cfg: ModelConfig) -> ModelBundle:
+    """Create the open_clip model of ``cfg.name``; load ``cfg.pretrained`` (tag or file);
+    apply tower locking and gradient checkpointing."""
+    _check_name(cfg.name)
+    pretrained = cfg.pretrained
+    tag = None
+    if pretrained:
+        expanded = os.path.expanduser(pretrained)
+        if os.path.isfile(expanded):
+            pretrained = expanded
+        elif _is_tag(cfg.name, pretrained):
+            tag = pretrained
+        else:
+            looks_like_path = any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix != ""
+            tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+            if looks_like_path:
+                raise ModelError(f"model.pretrained: file '{pretrained}' not found")
+            raise ModelError(
+                f"model.pretrained: '{pretrained}' is neither a file nor a pretrained tag of {cfg.name} "
+                f"(tags: {', '.join(tags) if tags else 'none'})"
+            )
+    try:
+        with _quiet_root_logger():  # open_clip warns "initialized randomly" before we load a file
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                cfg.name, pretrained=tag, cache_dir=cfg.cache_dir, pretrained_text=False
+            )
+    except RuntimeError as err:
+        if tag is not None:
+            raise ModelError(
+                f"model.pretrained: could not download the weights of tag '{tag}' for {cfg.name} "
+                f"({str(err).splitlines()[0][:300]}). Without internet access, download the weights once "
+                "elsewhere (for example open_clip.create_model(name, pretrained=tag) and "
+                "torch.save(model.state_dict(), 'weights.pt')) and set model.pretrained=/path/to/weights.pt"
+            ) from err
+        raise
+    if tag is None and pretrained:
+        load_pretrained_file(model, pretrained)
+    if cfg.lock_image:
+        model.lock_image_tower(
+            unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=cfg.lock_image_freeze_bn_stats
+        )
+    if cfg.lock_text:
+        model.lock_text_tower(
+            unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=cfg.lock_text_freeze_layer_norm
+        )
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    tokenizer = open_clip.get_tokenizer(cfg.name, cache_dir=cfg.cache_dir)
+    return ModelBundle(model, preprocess_train, preprocess_val, tokenizer)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read model weights from a file in any of the usual layouts: a plain state dict
+    (.pt/.bin/.pth), safetensors, a dict with ``state_dict`` (open_clip training checkpoint,
+    clipft/Lightning checkpoint) and an OpenAI TorchScript archive. A ``module.`` (DDP) or
+    ``model.`` (clipft) prefix is removed; a clipft checkpoint's other modules (teachers) are
+    dropped."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError:
+            try:  # OpenAI's released .pt files are TorchScript archives
+                state = torch.jit.load(path, map_location="cpu").state_dict()
+            except Exception as err:
+                raise ModelError(f"model.pretrained: cannot read '{path}' as weights: {err}") from err
+        except Exception as err:
+            raise ModelError(f"model.pretrained: cannot read '{path}' as weights: {err}") from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"model.pretrained: '{path}' does not hold a state dict of tensors")
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            if prefix == "model.":  # clipft checkpoint: keep only the trained model's weights
+                state = {k: v for k, v in state.items() if k.startswith(prefix)}
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
+        state.pop(key, None)
+    return state
+
+
+def _fmt(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_pretrained_file(model: nn.Module, path: str | Path) -> None:
+    """Load weights from a local file into ``model``. If the file does not fit the
+    architecture, fail with the missing, unexpected and wrongly shaped keys."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    # Same conventions as open_clip's loader: scalar-vs-1d logit scale, and position
+    # embeddings interpolated to the model's image size / context length.
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and key in own and state[key].ndim != own[key].ndim:
+            state[key] = state[key].reshape(own[key].shape)
+    if "logit_bias" in own and "logit_bias" not in state and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(own["logit_bias"])
+    for resize in (open_clip.model.resize_pos_embed, open_clip.model.resize_text_pos_embed):
+        try:
+            resize(state, model)
+        except (AssertionError, RuntimeError, KeyError):  # a different width: reported below
+            pass
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        parts = [f"model.pretrained: '{path}' does not fit the architecture of this model"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+        if mismatched:
+            parts.append(f"wrong shapes ({len(mismatched)}): {_fmt(mismatched)}")
+        parts.append("check model.name: it must be the architecture the weights were trained with")
+        raise ModelError("\n  ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def count_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Total and trainable parameter counts, for the whole model and per tower."""
+    groups: dict[str, list[nn.Parameter]] = {"total": list(model.parameters())}
+    visual = getattr(model, "visual", None)
+    if isinstance(visual, nn.Module):
+        groups["image"] = list(visual.parameters())
+        seen = {id(p) for p in groups["image"]}
+        groups["text"] = [
+            p for n, p in model.named_parameters() if id(p) not in seen and n not in ("logit_scale", "logit_bias")
+        ]
+    return {
+        name: {"total": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
+        for name, ps in groups.items()
+    }

@@ -1,0 +1,256 @@
+"""Turn a RunConfig into a run: run folder, data, model, method, callbacks, Trainer.
+
+The CLI verbs are thin wrappers around :func:`fit`, :func:`validate` and :func:`info`;
+notebooks and tests call these directly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from clipft.config import RunConfig, to_dict, to_yaml
+from clipft.data.datamodule import ImageTextDataModule
+from clipft.eval.callbacks import RetrievalCallback, RunReport, ZeroShotCallback
+from clipft.eval.plots import plot_training_curves
+from clipft.eval.tasks import build_zeroshot_task
+from clipft.methods import ContrastiveMethod, build_method
+from clipft.models import ModelBundle, build_model, count_parameters
+
+log = logging.getLogger("clipft")
+
+# open_clip's precision names -> Lightning's (Lightning's own names pass through).
+PRECISION = {
+    "fp32": "32-true",
+    "amp": "16-mixed",
+    "amp_bf16": "bf16-mixed",
+    "amp_bfloat16": "bf16-mixed",
+    "pure_bf16": "bf16-true",
+    "pure_fp16": "16-true",
+}
+LIGHTNING_PRECISION = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+
+
+def lightning_precision(name: str) -> str:
+    if name in PRECISION:
+        return PRECISION[name]
+    if name in LIGHTNING_PRECISION:
+        return name
+    raise ValueError(
+        f"trainer.precision: unknown precision '{name}' "
+        f"(open_clip names: {', '.join(PRECISION)}; Lightning names: {', '.join(LIGHTNING_PRECISION)})"
+    )
+
+
+def apply_threads(cfg: RunConfig) -> int:
+    """torch intra-op threads for CPU work (``run.threads``, 0 = the cores this process may use)."""
+    n = cfg.run.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+# ------------------------------------------------------------------ run folder
+
+
+def _last_ckpt(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def resolve_resume(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
+    """(run folder, checkpoint) to resume from, or (None, None) for a new run."""
+    resume = cfg.run.resume
+    if not resume:
+        return None, None
+    if resume == "last":
+        root = Path(cfg.run.out_dir) / cfg.run.name
+        candidates = sorted((p for p in root.glob("*/checkpoints/last.ckpt")), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise FileNotFoundError(
+                f"run.resume=last: no run named '{cfg.run.name}' with a checkpoints/last.ckpt under {root}"
+            )
+        ckpt = candidates[-1]
+        return ckpt.parent.parent, ckpt
+    path = Path(resume)
+    if path.is_dir():
+        if not _last_ckpt(path).is_file():
+            raise FileNotFoundError(f"run.resume: {path} has no checkpoints/last.ckpt")
+        return path, _last_ckpt(path)
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    raise FileNotFoundError(f"run.resume: '{resume}' is neither 'last', a run folder nor a checkpoint file")
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.run.out_dir) / cfg.run.name / stamp
+    run_dir, n = base, 1
+    while run_dir.exists():
+        run_dir, n = base.with_name(f"{stamp}-{n}"), n + 1
+    return run_dir
+
+
+# ------------------------------------------------------------------ assembling a run
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    run_dir: Path
+    bundle: ModelBundle
+    datamodule: ImageTextDataModule
+    method: ContrastiveMethod
+    trainer: L.Trainer
+    report: RunReport
+    resume_from: Optional[Path] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_callbacks(cfg: RunConfig, bundle: ModelBundle) -> list[L.Callback]:
+    callbacks: list[L.Callback] = []
+    if cfg.eval.retrieval.enabled:
+        callbacks.append(RetrievalCallback(cfg.eval.retrieval.ks))
+    if cfg.eval.zeroshot:
+        image_size = cfg.data.synthetic.image_size
+        tasks = [build_zeroshot_task(t, bundle.preprocess_val, cfg.run.seed, image_size) for t in cfg.eval.zeroshot]
+        callbacks.append(ZeroShotCallback(tasks, batch_size=cfg.eval.batch_size))
+    return callbacks
+
+
+def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None) -> Run:
+    """Everything a run needs, with bad input failing first: data sources are read and
+    checked before the model is built; the model before the Trainer."""
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    apply_threads(cfg)
+    resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
+    run_dir = run_dir or resume_dir or new_run_dir(cfg)
+
+    bundle = build_model(cfg.model)
+    datamodule = ImageTextDataModule(
+        cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=cfg.run.seed
+    )
+    datamodule.prepare_sources()
+    callbacks = build_callbacks(cfg, bundle)
+    method = build_method(cfg, bundle)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    report = RunReport(
+        run_dir / "report.json",
+        extra={
+            "run_dir": str(run_dir),
+            "method": cfg.method.name,
+            "model": cfg.model.name,
+            "parameters": count_parameters(bundle.model),
+            "data": datamodule.summary(),
+        },
+    )
+    ckpt_dir = run_dir / "checkpoints"
+    if stage == "fit":
+        callbacks += [
+            ModelCheckpoint(
+                dirpath=ckpt_dir, filename="best", monitor=cfg.run.monitor, mode=cfg.run.monitor_mode,
+                save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False,
+            ),
+            ModelCheckpoint(
+                dirpath=ckpt_dir, filename="last", every_n_train_steps=cfg.run.checkpoint_every_n_steps,
+                save_top_k=1, enable_version_counter=False,
+            ),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+    callbacks.append(report)
+    t = cfg.trainer
+    optional = {
+        k: v
+        for k, v in dict(
+            max_epochs=t.max_epochs, val_check_interval=t.val_check_interval,
+            limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
+            gradient_clip_val=t.gradient_clip_val,
+        ).items()
+        if v is not None
+    }
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=lightning_precision(t.precision),  # type: ignore[arg-type]
+        max_steps=t.max_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+        **optional,
+    )
+    return Run(cfg, run_dir, bundle, datamodule, method, trainer, report, resume_from=resume_ckpt)
+
+
+# ------------------------------------------------------------------ verbs
+
+
+def fit(cfg: RunConfig) -> dict[str, Any]:
+    """Train, validate at the end if the last step was not validated, save the last
+    checkpoint, write report.json and the training curves. Returns the report."""
+    run = build_run(cfg, "fit")
+    trainer = run.trainer
+    start = time.perf_counter()
+    step_at_start = 0
+    if run.resume_from is not None:
+        log.info("resuming from %s", run.resume_from)
+        step_at_start = int(torch.load(run.resume_from, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+    train_time = time.perf_counter() - start
+    if run.report.extra.get("global_step") != trainer.global_step:
+        trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
+    last = _last_ckpt(run.run_dir)
+    trainer.save_checkpoint(last)
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]
+    run.report.extra.update(
+        best_checkpoint=best or None,
+        last_checkpoint=str(last),
+        train_time_s=round(train_time, 1),
+        steps=trainer.global_step,
+        resumed_from=str(run.resume_from) if run.resume_from else None,
+        threads=torch.get_num_threads(),
+    )
+    if trainer.global_step > step_at_start and train_time > 0:
+        run.report.extra["steps_per_s"] = round((trainer.global_step - step_at_start) / train_time, 2)
+    run.report.write(trainer)
+    if cfg.run.plot and trainer.is_global_zero:
+        plot_training_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", title=f"{cfg.run.name}")
+    return {**run.report.extra, "metrics": run.report.metrics}
+
+
+def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
+    """Evaluate the recipe's model (``model.pretrained``), or a clipft checkpoint, with the
+    recipe's evaluation; writes report.json in a new run folder."""
+    run = build_run(cfg, "validate")
+    if ckpt:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        run.method.load_state_dict(state["state_dict"])
+        run.report.extra["checkpoint"] = str(ckpt)
+    run.trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
+    run.report.write(run.trainer)
+    return {**run.report.extra, "metrics": run.report.metrics}
+
+
+def info(cfg: RunConfig) -> dict[str, Any]:
+    """Resolved config and parameter counts, without data or training."""
+    bundle = build_model(cfg.model)
+    return {"config": to_dict(cfg), "parameters": count_parameters(bundle.model)}
