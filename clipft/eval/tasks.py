@@ -11,6 +11,7 @@ from clipft.config import ZeroShotTaskConfig
 from clipft.data import synthetic
 from clipft.data.datamodule import SyntheticFetch, TableFetch, TransformedImages
 from clipft.data.table import read_table
+from clipft.data.transforms import array_transform
 from clipft.eval.callbacks import ZeroShotTask
 
 
@@ -23,7 +24,9 @@ def build_zeroshot_task(
         scenes = synthetic.one_object_eval_set(cfg.split, cfg.size, seed, image_size)
         return ZeroShotTask(
             name=cfg.name,
-            dataset=TransformedImages(SyntheticFetch(scenes, label_task=cfg.task), preprocess_val),
+            dataset=TransformedImages(
+                SyntheticFetch(scenes, label_task=cfg.task), array_transform(preprocess_val, image_size)
+            ),
             class_names=synthetic.class_names(cfg.task),
             templates=functools.partial(synthetic.prompts, cfg.task),
             ensemble=cfg.ensemble,

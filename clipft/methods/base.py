@@ -101,14 +101,14 @@ class ContrastiveMethod(L.LightningModule):
     def gather(self, features: Tensor) -> Tensor:
         """Features of all devices, concatenated in rank order, with gradients flowing back
         to each device's own slice (so the loss over gathered features is exact)."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self._trainer.world_size == 1:
             return features
         gathered = self.all_gather(features, sync_grads=True)
         return gathered.reshape(-1, *features.shape[1:])
 
     def contrastive_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """CLIP loss of the local rows against the batch of every device."""
-        rank = self.global_rank if self.trainer is not None else 0
+        rank = self.global_rank if self._trainer is not None else 0
         return clip_contrastive_loss(
             image_features,
             text_features,
@@ -178,7 +178,9 @@ class ContrastiveMethod(L.LightningModule):
         groups = self.parameter_groups()
         if not any(g["params"] for g in groups):
             raise ValueError("no trainable parameters: check model.lock_image / model.lock_text")
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        optimizer = torch.optim.AdamW(
+            groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=optim.fused or None
+        )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_fraction * total)
         min_ratio = optim.min_lr / optim.lr if optim.lr > 0 else 0.0

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clipft.config import load_config
+from clipft.data.datamodule import Batch
+from clipft.methods import Finetune, build_method
+from clipft.methods.base import warmup_cosine
+
+
+@pytest.fixture(scope="module")
+def method() -> Finetune:
+    torch.manual_seed(0)
+    return build_method(load_config(None, ["model.name=clipft-tiny-vit"]))
+
+
+def test_parameter_groups(method: Finetune) -> None:
+    decay, no_decay = method.parameter_groups()
+    names = {id(p): n for n, p in method.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decayed | not_decayed == set(names.values()) and not decayed & not_decayed
+    for name in (
+        "model.logit_scale", "model.positional_embedding", "model.token_embedding.weight",
+        "model.visual.class_embedding", "model.visual.positional_embedding", "model.ln_final.weight",
+        "model.ln_final.bias", "model.visual.ln_pre.weight", "model.transformer.resblocks.0.attn.in_proj_bias",
+        "model.transformer.resblocks.0.mlp.c_fc.bias",
+    ):
+        assert name in not_decayed, name
+    for name in (
+        "model.visual.conv1.weight", "model.transformer.resblocks.0.attn.in_proj_weight",
+        "model.transformer.resblocks.0.mlp.c_fc.weight", "model.text_projection", "model.visual.proj",
+    ):
+        assert name in decayed, name
+
+
+def test_warmup_cosine_values() -> None:
+    assert warmup_cosine(0, 100, 10, 0.0, "cosine") == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 0.0, "cosine") == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10, 0.0, "cosine") == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 0.0, "cosine") == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, 0.1, "cosine") == pytest.approx(0.1)
+    assert warmup_cosine(77, 100, 10, 0.0, "constant") == 1.0
+    assert warmup_cosine(3, 100, 0, 0.0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.03)))
+
+
+def test_logit_scale_clamped_after_step(method: Finetune) -> None:
+    with torch.no_grad():
+        method.model.logit_scale.fill_(10.0)
+    method.on_train_batch_end(None, None, 0)
+    assert method.logit_scale.item() == pytest.approx(100.0)
+
+
+def _batch(method: Finetune) -> Batch:
+    captions = ["a small red circle", "a large blue square", "a small green star", "a large cyan cross"]
+    return Batch(torch.randn(4, 3, 32, 32), method.tokenizer(captions), captions, ["0", "1", "2", "3"])
+
+
+def test_loss_weights(method: Finetune) -> None:
+    batch = _batch(method)
+    torch.manual_seed(0)
+    base = method.training_step(batch, 0)
+    method.cfg.method.loss_weights = {"contrastive": 2.0}
+    try:
+        assert method.training_step(batch, 0).item() == pytest.approx(2 * base.item(), rel=1e-5)
+        method.cfg.method.loss_weights = {"hard_negative": 1.0}
+        with pytest.raises(ValueError, match=r"does not compute: \['hard_negative'\]"):
+            method.training_step(batch, 0)
+    finally:
+        method.cfg.method.loss_weights = {}

@@ -1,0 +1,110 @@
+"""The real CLI entry point: help, info, errors, a short fit that must learn, resume,
+validate a checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["validate", "--help"], ["info", "--help"]])
+def test_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: clipft" in out and ("key=value" in out or "fit" in out)
+
+
+def test_info_prints_config_and_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", QUICKSTART, "optim.lr=0.002", "model.lock_image=true"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.002" in out and "name: clipft-tiny-vit" in out
+    assert "image  total       111,616  trainable             0" in out
+    assert "total  total     3,379,969  trainable     3,268,353" in out
+
+
+def test_bad_key_exits_2_with_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", QUICKSTART, "optim.lrate=1"]) == 2
+    assert "unknown key 'optim.lrate'; did you mean optim.lr?" in capsys.readouterr().err
+
+
+def val_rows(metrics_csv: Path) -> list[dict[str, str]]:
+    with metrics_csv.open() as f:
+        return [r for r in csv.DictReader(f) if r.get("val/loss")]
+
+
+def test_fit_learns_resumes_and_validates(fast_overrides: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # 20 batches of 32 per epoch, validation after each epoch
+    assert main(["fit", QUICKSTART, *fast_overrides, "trainer.max_steps=60", "optim.warmup_fraction=0.1"]) == 0
+    run_dirs = list(Path(fast_overrides[-1].split("=", 1)[1]).glob("quickstart/*"))
+    assert len(run_dirs) == 1
+    run = run_dirs[0]
+    for name in ("config.yaml", "metrics.csv", "report.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 60 and report["method"] == "finetune"
+    rows = val_rows(run / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [19, 39, 59]
+    first, last = rows[0], rows[-1]
+    # it learns: the validation loss falls and retrieval improves
+    assert float(last["val/loss"]) < float(first["val/loss"]) - 0.3
+    assert float(last["val/retrieval/i2t_r1"]) > float(first["val/retrieval/i2t_r1"])
+    assert report["metrics"]["val/retrieval/i2t_r1"] == pytest.approx(float(last["val/retrieval/i2t_r1"]))
+    assert 0.0 <= report["metrics"]["val/zeroshot/shape/top1"] <= 1.0
+    # checkpoints load with weights_only=True (plain hyper-parameters)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 60 and ckpt["hyper_parameters"]["config"]["optim"]["warmup_fraction"] == 0.1
+
+    # an interrupted run (stopped at step 35, mid-epoch) resumes in the same folder
+    assert main(["fit", QUICKSTART, *fast_overrides, "trainer.max_steps=35", "run.name=interrupted"]) == 0
+    interrupted = next(run.parent.parent.glob("interrupted/*"))
+    assert torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 35
+    assert main(["fit", QUICKSTART, *fast_overrides, "trainer.max_steps=60", "run.name=interrupted", "run.resume=last"]) == 0
+    assert list(interrupted.parent.iterdir()) == [interrupted]
+    resumed = json.loads((interrupted / "report.json").read_text())
+    assert resumed["steps"] == 60 and resumed["resumed_from"].endswith("last.ckpt")
+    steps = [int(r["step"]) for r in val_rows(interrupted / "metrics.csv")]
+    assert steps[:2] == [19, 35] and steps[-1] == 59  # history kept, new rows appended
+
+    # validating the best checkpoint again reproduces its retrieval score
+    best = report["best_checkpoint"]
+    best_score = torch.load(best, weights_only=True)["callbacks"]
+    capsys.readouterr()
+    assert main(["validate", QUICKSTART, *fast_overrides, "--ckpt", best]) == 0
+    validated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]
+    metrics = json.loads(Path(validated).read_text())["metrics"]
+    monitored = [v for k, v in best_score.items() if "val/retrieval/i2t_r1" in k][0]["best_model_score"]
+    assert metrics["val/retrieval/i2t_r1"] == pytest.approx(float(monitored), abs=1e-6)
+
+
+def test_interrupted_checkpoint_save_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning as L
+
+    from clipft.config import load_config
+    from clipft.methods import build_method
+
+    method = build_method(load_config(None, []))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(method)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    def broken_save(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipft.config import ConfigError, RunConfig, compose, from_dict, load_config, to_dict, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_types() -> None:
+    cfg = load_config(None, [])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.method.name == "finetune" and cfg.optim.lr == 1e-5 and cfg.optim.betas == [0.9, 0.98]
+
+
+def test_include_then_recipe_then_overrides(tmp_path: Path) -> None:
+    write(tmp_path / "configs/model/m.yaml", "model: {name: clipft-small-vit}\noptim: {lr: 0.1, weight_decay: 0.3}\n")
+    recipe = write(
+        tmp_path / "recipes/r.yaml",
+        "include: [configs/model/m.yaml]\noptim: {lr: 0.2}\ndata: {batch_size: 7}\n",
+    )
+    cfg = load_config(recipe, ["data.batch_size=9", "trainer.devices=2"])
+    assert cfg.model.name == "clipft-small-vit"  # from the include (found in a parent folder)
+    assert cfg.optim.weight_decay == 0.3  # include
+    assert cfg.optim.lr == 0.2  # recipe wins over include
+    assert cfg.data.batch_size == 9  # override wins over recipe
+    assert cfg.trainer.devices == 2
+
+
+def test_unknown_key_names_nearest(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", "optim: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: unknown key 'optim\.lrr'; did you mean optim\.lr\?"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match=r"command-line override: unknown key 'data\.batch_sise'.*data\.batch_size"):
+        load_config(None, ["data.batch_sise=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'eval\.zeroshot\[0\]\.tsak'.*task"):
+        load_config(None, ["eval.zeroshot=[{name: a, tsak: shape}]"])
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*did you mean model"):
+        load_config(None, ["modle.name=x"])
+
+
+def test_wrong_type_names_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"bad value for 'optim\.lr'"):
+        load_config(None, ["optim.lr=fast"])
+    recipe = write(tmp_path / "r.yaml", "data: {batch_size: [1, 2]}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: bad value for 'data\.batch_size'"):
+        load_config(recipe)
+
+
+def test_missing_include_and_recipe(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", "include: [configs/nope.yaml]\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: included file 'configs/nope\.yaml' not found"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="recipe file .*absent.yaml' not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_missing_mandatory_value() -> None:
+    with pytest.raises(ConfigError, match=r"data\.train: a table .* required when data\.source=csv"):
+        load_config(ROOT / "configs/data/csv.yaml")
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot\[0\]\.data"):
+        load_config(None, ["eval.zeroshot=[{name: a, source: csv}]"])
+
+
+def test_include_cycle(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "include: [b.yaml]\n")
+    write(tmp_path / "b.yaml", "include: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_choices_and_override_syntax() -> None:
+    with pytest.raises(ConfigError, match=r"data\.source='lmdb' is not one of: synthetic, csv"):
+        load_config(None, ["data.source=lmdb"])
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot\[0\]\.ensemble='median'"):
+        load_config(None, ["eval.zeroshot=[{name: a, ensemble: median}]"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="unknown method 'fintune'; did you mean finetune"):
+        load_config(None, ["method.name=fintune"])
+
+
+def test_plain_dict_round_trip_is_weights_only_safe() -> None:
+    cfg = load_config(ROOT / "recipes/quickstart.yaml", ["optim.lr=0.5"])
+    plain = to_dict(cfg)
+    buffer = io.BytesIO()
+    torch.save({"config": plain}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["config"]
+    assert from_dict(loaded) == cfg
+    assert "lr: 0.5" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe: Path) -> None:
+    cfg = compose(recipe, [])
+    assert cfg.run.name
+
+
+@pytest.mark.parametrize("block", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_building_block_validates(block: Path) -> None:
+    cfg = compose(block, ["data.train=x.csv"] if block.name == "csv.yaml" else [])
+    assert cfg is not None
