@@ -234,7 +234,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
     last = _last_ckpt(run.run_dir)
     if _checkpoint_step(last if last.is_file() else None) != trainer.global_step:
-        trainer.save_checkpoint(last)  # the run ended between checkpoints
+        trainer.save_checkpoint(last, weights_only=False)  # the run ended between checkpoints
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]
     run.report.extra.update(
         best_checkpoint=best or None,

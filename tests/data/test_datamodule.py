@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipft.config import ZeroShotTaskConfig, load_config
+from clipft.data.datamodule import Batch, ImageTextDataModule
+from clipft.data.transforms import ViaPIL, array_fast_path, array_transform
+from clipft.eval.tasks import build_zeroshot_task
+from clipft.models import build_model
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    cfg = load_config(None, [])
+    return build_model(cfg.model)
+
+
+def test_fast_path_equals_model_preprocess(bundle) -> None:
+    fast = array_fast_path(bundle.preprocess_val, 32)
+    assert fast is not None
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        array = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        torch.testing.assert_close(fast(array), bundle.preprocess_val(Image.fromarray(array)), rtol=0, atol=1e-6)
+    # random crops, or another size, keep the exact PIL path
+    assert array_fast_path(bundle.preprocess_train, 32) is None
+    assert array_fast_path(bundle.preprocess_val, 48) is None
+    assert isinstance(array_transform(bundle.preprocess_train, 32), ViaPIL)
+
+
+def test_synthetic_batches(bundle) -> None:
+    cfg = load_config(
+        None, ["data.batch_size=8", "data.synthetic.train_size=20", "data.synthetic.val_size=10", "data.train_transform=val"]
+    )
+    dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=3)
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 2  # 20 samples, batch 8, drop_last
+    batch = train[0]
+    assert isinstance(batch, Batch)
+    assert batch.images.shape == (8, 3, 32, 32) and batch.texts.shape == (8, 32)
+    assert torch.equal(batch.texts, bundle.tokenizer(batch.captions))
+    assert len(set(batch.image_ids)) == 8 and all(i.startswith("synthetic:train:") for i in batch.image_ids)
+    val = list(dm.val_dataloader())
+    assert [len(b) for b in val] == [8, 2]  # validation keeps every sample, in order
+    assert val[0].image_ids[0] == "synthetic:val:0"
+    # the same seed gives the same batches
+    again = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=3)
+    first = next(iter(again.train_dataloader()))
+    assert first.captions == batch.captions and torch.equal(first.images, batch.images)
+    assert dm.summary() == {"source": "synthetic", "train_size": 20, "val_size": 10}
+
+
+def test_csv_source_and_zero_shot_table(tmp_path: Path, bundle) -> None:
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    rows = "".join(f"img/{i}.png,caption {i},{'dark' if i < 2 else 'bright'}\n" for i in range(4))
+    (tmp_path / "pairs.csv").write_text("filepath,title,label\n" + rows + "img/9.png,missing,dark\n")
+    cfg = load_config(
+        None, ["data.source=csv", f"data.train={tmp_path}/pairs.csv", "data.batch_size=2", "data.on_bad_sample=skip"]
+    )
+    dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 and batches[0].images.shape == (2, 3, 32, 32)  # resized to the model
+    assert dm.val_dataloader() == []
+    assert dm.summary()["train_skipped_rows"] == 1
+    # evaluation tables are strict: the bad row is an error there
+    (tmp_path / "labels.csv").write_text("filepath,title,label\n" + rows)
+    task = build_zeroshot_task(
+        ZeroShotTaskConfig(name="light", source="csv", data=str(tmp_path / "labels.csv"), templates=["a {} image"]),
+        bundle.preprocess_val,
+    )
+    assert task.class_names == ["bright", "dark"]
+    assert len(task.dataset) == 4 and [task.dataset[i][1] for i in range(4)] == [1, 1, 0, 0]
