@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import os
 import time
 import warnings
@@ -212,7 +213,22 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         enable_model_summary=False,
         **optional,
     )
+    _bound_epochs_by_steps(trainer, cfg, datamodule)
     return Run(cfg, run_dir, bundle, datamodule, method, trainer, report, resume_from=resume_ckpt)
+
+
+def _bound_epochs_by_steps(trainer: L.Trainer, cfg: RunConfig, datamodule: ImageTextDataModule) -> None:
+    """With max_steps and no max_epochs, Lightning trains "forever" bounded by steps and
+    shows "Epoch 0/-2". Set the number of epochs those steps take instead. The per-rank
+    batch count is a lower bound (samples split over ranks, last batch dropped), so the
+    epoch bound is never what stops the run."""
+    t = cfg.trainer
+    if t.max_steps <= 0 or t.max_epochs is not None or t.limit_train_batches is not None:
+        return
+    samples = len(datamodule.train_fetch) if datamodule.train_fetch is not None else 0  # type: ignore[arg-type]
+    batches = samples // (cfg.data.batch_size * trainer.world_size)
+    if batches > 0:
+        trainer.fit_loop.max_epochs = math.ceil(t.max_steps * t.accumulate_grad_batches / batches)
 
 
 # ------------------------------------------------------------------ verbs

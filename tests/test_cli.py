@@ -108,3 +108,15 @@ def test_interrupted_checkpoint_save_keeps_previous(tmp_path: Path, monkeypatch:
         trainer.save_checkpoint(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_console_script_and_module_entry_point() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    script = shutil.which("clipft", path=str(Path(sys.executable).parent))
+    commands = [[sys.executable, "-m", "clipft", "--help"]] + ([[script, "fit", "--help"]] if script else [])
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "usage: clipft" in result.stdout
