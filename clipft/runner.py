@@ -213,7 +213,8 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         enable_model_summary=False,
         **optional,
     )
-    _bound_epochs_by_steps(trainer, cfg, datamodule)
+    if resume_ckpt is None:  # a resumed run may count epochs differently (mid-epoch restart)
+        _bound_epochs_by_steps(trainer, cfg, datamodule)
     return Run(cfg, run_dir, bundle, datamodule, method, trainer, report, resume_from=resume_ckpt)
 
 
