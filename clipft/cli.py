@@ -69,7 +69,13 @@ def _prepare_environment(recipe: str, overrides: list[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow an option (clipft validate R --ckpt C key=value)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + extra
     _prepare_environment(args.recipe, list(args.overrides))
 
     from clipft.config import ConfigError, load_config, to_yaml

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -153,7 +154,9 @@ class ZeroShotTaskConfig:
     image_key: str = "filepath"
     label_key: str = "label"
     classnames: Optional[list[str]] = None  # csv: null = the sorted distinct labels
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    # csv: format strings with {} for the class name (null: "a photo of a {}.");
+    # synthetic tasks always use every caption of the data that describes the class.
+    templates: Optional[list[str]] = None
     ensemble: str = "mean"  # mean (OpenAI) | max (max score over templates)
 
 
@@ -180,6 +183,17 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+
+# open_clip's precision names -> Lightning's (Lightning's own names pass through).
+PRECISION = {
+    "fp32": "32-true",
+    "amp": "16-mixed",
+    "amp_bf16": "bf16-mixed",
+    "amp_bfloat16": "bf16-mixed",
+    "pure_bf16": "bf16-true",
+    "pure_fp16": "16-true",
+}
+LIGHTNING_PRECISION = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.monitor_mode": ("min", "max"),
@@ -316,6 +330,80 @@ def _list_item_schema(schema: Any, key: str) -> Optional[type]:
     return None
 
 
+def _unknown_key(full: str, name: str, valid: list[str], where: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    prefix = where + "." if where else ""
+    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    under = f" under '{where}'" if where else ""
+    return ConfigError(f"{source}: unknown key '{full}'{hint} (valid keys{under}: {', '.join(sorted(valid))})")
+
+
+def _check_path(key: str, schema: Any, source: str) -> None:
+    """Check a dotted override key (``a.b``, ``list[0].c`` or ``list.0.c``) against the schema."""
+    node: Any = schema
+    done: list[str] = []
+    for part in key.split("."):
+        where = ".".join(done)
+        if isinstance(node, type) and dataclasses.is_dataclass(node):  # a list's item type
+            if not part.isdigit():
+                raise ConfigError(f"{source}: '{key}': '{where}' is a list; use an index such as {where}[0]")
+            node = node()
+        elif dataclasses.is_dataclass(node):
+            fields = [f.name for f in dataclasses.fields(node)]
+            if part not in fields:
+                raise _unknown_key(key, part, fields, where, source)
+            child = getattr(node, part)
+            item = _list_item_schema(node, part)
+            node = item if item is not None else child
+        else:
+            return  # free-form mapping (method.loss_weights) or a leaf
+        done.append(part)
+
+
+def _apply_override(cfg: DictConfig, schema: Any, item: str) -> None:
+    key, raw = item.split("=", 1)
+    key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+    source = "command-line override"
+    _check_path(key, schema, source)
+    nested = OmegaConf.from_dotlist([item]) if "[" not in key and not any(p.isdigit() for p in key.split(".")) else None
+    if nested is not None:
+        _check_keys(nested, schema, "", source)  # keys inside a mapping or list value
+    try:
+        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+        OmegaConf.update(cfg, key, value, merge=True)
+    except (OmegaConfBaseException, TypeError, ValueError, IndexError) as err:
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: bad value for '{item.split('=', 1)[0]}': {msg}") from err
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Ranges and formats that types alone do not catch."""
+    checks = [
+        (cfg.trainer.precision in PRECISION or cfg.trainer.precision in LIGHTNING_PRECISION, "trainer.precision",
+         f"unknown precision (open_clip names: {', '.join(PRECISION)}; Lightning names: {', '.join(LIGHTNING_PRECISION)})"),
+        (cfg.data.batch_size > 0, "data.batch_size", "must be > 0"),
+        (cfg.data.val_batch_size is None or cfg.data.val_batch_size > 0, "data.val_batch_size", "must be > 0"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (cfg.data.synthetic.train_size > 0 and cfg.data.synthetic.val_size > 0, "data.synthetic", "sizes must be > 0"),
+        (cfg.run.threads >= 0, "run.threads", "must be >= 0 (0 = the cores this process may use)"),
+        (cfg.run.checkpoint_every_n_steps > 0, "run.checkpoint_every_n_steps", "must be > 0"),
+        (cfg.optim.lr >= 0, "optim.lr", "must be >= 0"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (0 <= cfg.optim.warmup_fraction <= 1, "optim.warmup_fraction", "must be in [0, 1]"),
+        (cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two values in [0, 1)"),
+        (cfg.optim.logit_scale_max > 0, "optim.logit_scale_max", "must be > 0"),
+        (len(cfg.eval.retrieval.ks) > 0 and all(k > 0 for k in cfg.eval.retrieval.ks), "eval.retrieval.ks", "must be positive"),
+    ]
+    for i, task in enumerate(cfg.eval.zeroshot):
+        checks.append((task.size > 0, f"eval.zeroshot[{i}].size", "must be > 0"))
+        for template in task.templates or []:
+            checks.append(("{}" in template, f"eval.zeroshot[{i}].templates", f"template {template!r} has no {{}} for the class name"))
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message} (got {OmegaConf.select(cfg, key.split('[')[0])!r})")
+
+
 def _check_choices(cfg: DictConfig) -> None:
     for dotted, allowed in CHOICES.items():
         section, _, leaf = dotted.rpartition(".")
@@ -355,7 +443,8 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
         raise ConfigError(f"method.name: unknown method '{method}'{hint} (known: {', '.join(method_names())})")
     schema = RunConfig(method=_METHOD_CONFIGS[method](name=method))
     cfg = OmegaConf.structured(schema)
-    for source, layer in layers:
+    file_layers = layers[:-1] if overrides else layers
+    for source, layer in file_layers:
         _check_keys(layer, schema, "", source)
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -363,16 +452,24 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
             key = getattr(err, "full_key", None) or "?"
             msg = str(err).splitlines()[0]
             raise ConfigError(f"{source}: bad value for '{key}': {msg}") from err
+    for item in overrides or []:
+        _apply_override(cfg, schema, item)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"could not resolve interpolation: {err}") from err
     _check_choices(cfg)
+    _check_values(cfg)
     if cfg.data.source == "csv" and not cfg.data.train:
         raise ConfigError("data.train: a table of image paths and captions is required when data.source=csv")
     for i, task in enumerate(cfg.eval.zeroshot):
         if task.source == "csv" and not task.data:
             raise ConfigError(f"eval.zeroshot[{i}].data: a table of images and labels is required for source=csv")
+    if cfg.run.monitor.startswith("val/") and cfg.data.source == "csv" and not cfg.data.val:
+        raise ConfigError(
+            f"run.monitor={cfg.run.monitor} needs validation data: set data.val (a table like data.train), "
+            "or monitor a train/ metric"
+        )
     return cfg
 
 

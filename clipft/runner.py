@@ -7,6 +7,7 @@ notebooks and tests call these directly.
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import logging
 import math
 import os
@@ -20,47 +21,36 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from clipft.config import RunConfig, to_dict, to_yaml
+from clipft.config import PRECISION, ConfigError, RunConfig, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
 from clipft.eval.callbacks import RetrievalCallback, RunReport, ZeroShotCallback
 from clipft.eval.plots import plot_training_curves
 from clipft.eval.tasks import build_zeroshot_task
 from clipft.logs import ContinuingCSVLogger
 from clipft.methods import ContrastiveMethod, build_method
-from clipft.models import ModelBundle, build_model, count_parameters
+from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file
 
 log = logging.getLogger("clipft")
+RUN_DIR_ENV = "CLIPFT_RUN_DIR"
 
 # Lightning notices that are irrelevant for clipft runs (a resumed run reuses its folder).
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-# open_clip's precision names -> Lightning's (Lightning's own names pass through).
-PRECISION = {
-    "fp32": "32-true",
-    "amp": "16-mixed",
-    "amp_bf16": "bf16-mixed",
-    "amp_bfloat16": "bf16-mixed",
-    "pure_bf16": "bf16-true",
-    "pure_fp16": "16-true",
-}
-LIGHTNING_PRECISION = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
-
-
 def lightning_precision(name: str) -> str:
-    if name in PRECISION:
-        return PRECISION[name]
-    if name in LIGHTNING_PRECISION:
-        return name
-    raise ValueError(
-        f"trainer.precision: unknown precision '{name}' "
-        f"(open_clip names: {', '.join(PRECISION)}; Lightning names: {', '.join(LIGHTNING_PRECISION)})"
-    )
+    """Lightning's name for an open_clip (or Lightning) precision name; validated in config."""
+    return PRECISION.get(name, name)
 
 
 def apply_threads(cfg: RunConfig) -> int:
-    """torch intra-op threads for CPU work (``run.threads``, 0 = the cores this process may use)."""
-    n = cfg.run.threads or len(os.sched_getaffinity(0))
+    """torch intra-op threads for CPU work (``run.threads``; 0 = the cores this process may
+    use, shared out between the processes of a multi-process CPU run)."""
+    n = cfg.run.threads
+    if n == 0:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE")
+        if per_node is None and cfg.trainer.accelerator == "cpu" and isinstance(cfg.trainer.devices, int):
+            per_node = str(cfg.trainer.devices)
+        n = max(1, len(os.sched_getaffinity(0)) // max(1, int(per_node or 1)))
     torch.set_num_threads(n)
     return n
 
@@ -112,6 +102,47 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def _write_config(run_dir: Path, cfg: RunConfig, resumed: bool) -> None:
+    """config.yaml of a new run; a resumed run keeps it, writes config.resumed.yaml and warns
+    about what changed (a changed max_steps reshapes the learning-rate schedule)."""
+    text = to_yaml(cfg)
+    original = run_dir / "config.yaml"
+    if not resumed or not original.is_file():
+        original.write_text(text)
+        return
+    (run_dir / "config.resumed.yaml").write_text(text)
+    from omegaconf import OmegaConf
+
+    before = OmegaConf.to_container(OmegaConf.load(original))
+    after = to_dict(cfg)
+    changed = sorted(k for k in _flatten(after) if _flatten(after)[k] != _flatten(before).get(k) and k != "run.resume")
+    if changed:
+        log.warning("resuming with a changed config (see config.resumed.yaml): %s", ", ".join(changed))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_monitor(cfg: RunConfig, method: ContrastiveMethod) -> None:
+    """``run.monitor`` must name a metric the run logs (else Lightning fails after training)."""
+    names = {"val/loss", "train/loss", "train/logit_scale"} | {f"train/{t}" for t in method.loss_term_names}
+    if cfg.eval.retrieval.enabled:
+        ks = cfg.eval.retrieval.ks
+        names |= {f"val/retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in ks}
+        names |= {"val/retrieval/mean_r1"} if 1 in ks else set()
+    names |= {f"val/zeroshot/{t.name}/{m}" for t in cfg.eval.zeroshot for m in ("top1", "top5")}
+    if cfg.run.monitor not in names:
+        close = difflib.get_close_matches(cfg.run.monitor, sorted(names), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"run.monitor: '{cfg.run.monitor}' is not a metric of this run{hint} (metrics: {', '.join(sorted(names))})")
+
+
 # ------------------------------------------------------------------ assembling a run
 
 
@@ -145,7 +176,10 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     apply_threads(cfg)
     resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
-    run_dir = run_dir or resume_dir or new_run_dir(cfg)
+    # Processes that Lightning starts for DDP re-run this command: they inherit the folder.
+    shared = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
+    run_dir = run_dir or resume_dir or (Path(shared) if shared else new_run_dir(cfg))
+    os.environ[RUN_DIR_ENV] = str(run_dir)
 
     bundle = build_model(cfg.model)
     datamodule = ImageTextDataModule(
@@ -154,9 +188,11 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     datamodule.prepare_sources()
     callbacks = build_callbacks(cfg, bundle)
     method = build_method(cfg, bundle)
+    if stage == "fit":
+        check_monitor(cfg, method)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    _write_config(run_dir, cfg, resumed=resume_ckpt is not None)
     report = RunReport(
         run_dir / "report.json",
         extra={
@@ -250,7 +286,8 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     if run.report.extra.get("global_step") != trainer.global_step:
         trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
     last = _last_ckpt(run.run_dir)
-    if _checkpoint_step(last if last.is_file() else None) != trainer.global_step:
+    stale = _checkpoint_step(last if last.is_file() else None) != trainer.global_step
+    if trainer.strategy.broadcast(stale):  # rank 0 decides; every rank joins the save
         trainer.save_checkpoint(last, weights_only=False)  # the run ended between checkpoints
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]
     run.report.extra.update(
@@ -272,10 +309,11 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
 def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
     """Evaluate the recipe's model (``model.pretrained``), or a clipft checkpoint, with the
     recipe's evaluation; writes report.json in a new run folder."""
+    if ckpt and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt: checkpoint '{ckpt}' not found")
     run = build_run(cfg, "validate")
     if ckpt:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        run.method.load_state_dict(state["state_dict"])
+        load_pretrained_file(run.method.model, ckpt)  # names missing / mismatched keys
         run.report.extra["checkpoint"] = str(ckpt)
     run.trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
     run.report.write(run.trainer)

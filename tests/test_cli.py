@@ -120,3 +120,22 @@ def test_console_script_and_module_entry_point() -> None:
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "usage: clipft" in result.stdout
+
+
+def test_two_process_ddp_fit_on_cpu(fast_overrides: list[str]) -> None:
+    """Lightning re-runs the command for rank 1; both ranks must share one run folder."""
+    import subprocess
+    import sys
+
+    out = Path(fast_overrides[-1].split("=", 1)[1])
+    command = [
+        sys.executable, "-m", "clipft", "fit", QUICKSTART, *fast_overrides,
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=12",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list(out.glob("quickstart/*"))
+    assert len(runs) == 1
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert report["steps"] == 12 and 0 < report["metrics"]["val/loss"] < 10
+    assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12

@@ -45,7 +45,7 @@ def test_unknown_key_names_nearest(tmp_path: Path) -> None:
         load_config(None, ["data.batch_sise=3"])
     with pytest.raises(ConfigError, match=r"unknown key 'eval\.zeroshot\[0\]\.tsak'.*task"):
         load_config(None, ["eval.zeroshot=[{name: a, tsak: shape}]"])
-    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*did you mean model"):
+    with pytest.raises(ConfigError, match=r"unknown key 'modle\.name'; did you mean model"):
         load_config(None, ["modle.name=x"])
 
 
@@ -63,6 +63,32 @@ def test_missing_include_and_recipe(tmp_path: Path) -> None:
         load_config(recipe)
     with pytest.raises(ConfigError, match="recipe file .*absent.yaml' not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_values_checked_before_anything_is_built() -> None:
+    for override, message in [
+        ("trainer.precision=fp64", r"trainer\.precision: unknown precision"),
+        ("data.batch_size=0", r"data\.batch_size: must be > 0"),
+        ("run.threads=-1", r"run\.threads: must be >= 0"),
+        ("optim.lr=-1", r"optim\.lr: must be >= 0"),
+        ("eval.retrieval.ks=[0]", r"eval\.retrieval\.ks: must be positive"),
+        ("eval.zeroshot=[{name: a, source: csv, data: x.csv, templates: [a photo]}]", r"template 'a photo' has no \{\}"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"run\.monitor=val/loss needs validation data: set data\.val"):
+        load_config(None, ["data.source=csv", "data.train=t.csv"])
+
+
+def test_override_inside_a_list_item(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", "eval:\n  zeroshot:\n    - {name: shape, size: 600}\n    - {name: colour, task: colour}\n")
+    cfg = load_config(recipe, ["eval.zeroshot[0].size=64", "eval.zeroshot.1.ensemble=max"])
+    assert cfg.eval.zeroshot[0].size == 64 and cfg.eval.zeroshot[0].name == "shape"
+    assert cfg.eval.zeroshot[1].ensemble == "max" and cfg.eval.zeroshot[1].task == "colour"
+    with pytest.raises(ConfigError, match=r"unknown key 'eval\.zeroshot\.0\.sise'; did you mean eval\.zeroshot\.0\.size"):
+        load_config(recipe, ["eval.zeroshot[0].sise=64"])
+    with pytest.raises(ConfigError, match=r"bad value for 'eval\.zeroshot\[5\]\.size'"):
+        load_config(recipe, ["eval.zeroshot[5].size=64"])
 
 
 def test_missing_mandatory_value() -> None:
@@ -103,11 +129,11 @@ def test_plain_dict_round_trip_is_weights_only_safe() -> None:
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(recipe: Path) -> None:
-    cfg = compose(recipe, ["data.train=your_pairs.csv"])  # recipes on user data leave this to fill in
+    cfg = compose(recipe, ["data.train=your_pairs.csv", "data.val=your_val.csv"])  # recipes on user data leave this to fill in
     assert cfg.run.name
 
 
 @pytest.mark.parametrize("block", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_building_block_validates(block: Path) -> None:
-    cfg = compose(block, ["data.train=x.csv"] if block.name == "csv.yaml" else [])
+    cfg = compose(block, ["data.train=x.csv", "data.val=y.csv"] if block.name == "csv.yaml" else [])
     assert cfg is not None

@@ -43,6 +43,6 @@ def build_zeroshot_task(
         name=cfg.name,
         dataset=TransformedImages(TableFetch(table, index), preprocess_val),
         class_names=names,
-        templates=list(cfg.templates),
+        templates=list(cfg.templates or ["a photo of a {}."]),
         ensemble=cfg.ensemble,
     )

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipft.config import MethodConfig, RunConfig, from_dict, register_method_config, to_dict
+from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict, register_method_config, to_dict
 from clipft.data.datamodule import Batch
 from clipft.losses.contrastive import clip_contrastive_loss
 from clipft.models import ModelBundle, build_model
@@ -45,7 +45,11 @@ def method_class(name: str) -> type["ContrastiveMethod"]:
 
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.LocalResponseNorm)
-_EMBEDDING_NAMES = ("positional_embedding", "class_embedding", "token_embedding", "logit_scale", "logit_bias")
+# open_clip's own towers, and timm/HF towers (pos_embed, cls_token, reg_token, attn_pool latent).
+_EMBEDDING_NAMES = (
+    "positional_embedding", "class_embedding", "token_embedding", "logit_scale", "logit_bias",
+    "pos_embed", "cls_token", "reg_token", "latent", "position_embedding", "relative_position_bias_table",
+)
 
 
 def no_weight_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
@@ -75,11 +79,20 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float, schedule
 class ContrastiveMethod(L.LightningModule):
     """Base LightningModule of every method; as a method itself it is plain CLIP training."""
 
+    # The names of the terms ``loss_terms`` returns (checked against method.loss_weights).
+    loss_term_names: tuple[str, ...] = ("contrastive",)
+
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__()
         # A plain dict, so checkpoints load under torch.load(weights_only=True).
         self.save_hyperparameters({"config": config})
         self.cfg: RunConfig = from_dict(config)
+        unknown = set(self.cfg.method.loss_weights) - set(self.loss_term_names)
+        if unknown:
+            raise ConfigError(
+                f"method.loss_weights names terms that method '{self.cfg.method.name}' does not compute: "
+                f"{sorted(unknown)} (its terms: {', '.join(self.loss_term_names)})"
+            )
         bundle = bundle if bundle is not None else build_model(self.cfg.model)
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer

@@ -63,7 +63,9 @@ def test_csv_source_and_zero_shot_table(tmp_path: Path, bundle) -> None:
     rows = "".join(f"img/{i}.png,caption {i},{'dark' if i < 2 else 'bright'}\n" for i in range(4))
     (tmp_path / "pairs.csv").write_text("filepath,title,label\n" + rows + "img/9.png,missing,dark\n")
     cfg = load_config(
-        None, ["data.source=csv", f"data.train={tmp_path}/pairs.csv", "data.batch_size=2", "data.on_bad_sample=skip"]
+        None,
+        ["data.source=csv", f"data.train={tmp_path}/pairs.csv", "data.batch_size=2", "data.on_bad_sample=skip",
+         "run.monitor=train/loss"],
     )
     dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
     batches = list(dm.train_dataloader())

@@ -72,3 +72,29 @@ def test_loss_weights(method: Finetune) -> None:
             method.training_step(batch, 0)
     finally:
         method.cfg.method.loss_weights = {}
+
+
+def test_gather_and_offset_wiring(method: Finetune, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 ranks, rank 1's rows are scored against both ranks' features with targets
+    offset by B: the loss equals the single-device loss restricted to rank 1's rows."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from clipft.losses import clip_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    other_img, other_txt = (F.normalize(torch.randn(3, 4, generator=g), dim=1) for _ in range(2))
+    local_img, local_txt = (F.normalize(torch.randn(3, 4, generator=g), dim=1) for _ in range(2))
+    remote = {id(local_img): other_img, id(local_txt): other_txt}
+    monkeypatch.setattr(method, "_trainer", SimpleNamespace(world_size=2, global_rank=1))
+    monkeypatch.setattr(type(method), "global_rank", property(lambda self: 1))
+    monkeypatch.setattr(method, "all_gather", lambda x, sync_grads: torch.stack([remote[id(x)], x]))
+    got = method.contrastive_loss(local_img, local_txt)
+    all_img, all_txt = torch.cat([other_img, local_img]), torch.cat([other_txt, local_txt])
+    s = method.logit_scale
+    expected = clip_contrastive_loss(local_img, local_txt, s, all_img, all_txt, offset=3)
+    torch.testing.assert_close(got, expected)
+    # and the mean over both ranks' local losses is the full-batch loss
+    first = clip_contrastive_loss(other_img, other_txt, s, all_img, all_txt, offset=0)
+    torch.testing.assert_close((first + got) / 2, clip_contrastive_loss(all_img, all_txt, s))

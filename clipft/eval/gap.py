@@ -1,0 +1,125 @@
+"""Modality-gap, alignment and uniformity metrics on N paired image/text embeddings.
+
+All functions take L2-normalised features ``image [N, D]`` and ``text [N, D]`` where row i of
+each is a pair, and return plain floats. Formulas (../shared/research/methods.md §6.4-6.7):
+
+- centroid distance ‖Δ‖, Δ = mean_i v̂_i − mean_i t̂_i ("Mind the Gap", Liang et al. 2022);
+- centroid MSE ‖Δ‖²/D (the CLIP-Refine code's number; a different quantity, named apart);
+- mean pair distance mean_i ‖v̂_i − t̂_i‖ (CLIP-Refine's "feature gap");
+- linear separability: accuracy of a logistic regression telling image from text embeddings,
+  trained on 80 % of the pairs and scored on the other 20 % (0.5 inseparable, 1.0 separable);
+- alignment E‖f(x) − f(y)‖^α over pairs, α = 2, and uniformity
+  log E exp(−t‖f(x) − f(y)‖²) over distinct pairs i < j, t = 2 (Wang & Isola, ICML 2020);
+- relative alignment mean_i(‖t̂_i − v̂_i‖² − min_{j≠i} ‖t̂_i − v̂_j‖²) (m²-mix, Oh et al. 2023).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _check_pairs(image: Tensor, text: Tensor) -> None:
+    if image.ndim != 2 or image.shape != text.shape:
+        raise ValueError(f"expected paired features of equal shape [N, D], got {tuple(image.shape)} and {tuple(text.shape)}")
+    if image.shape[0] < 2:
+        raise ValueError("need at least 2 pairs")
+
+
+def centroid_distance(image: Tensor, text: Tensor) -> float:
+    """‖mean(v̂) − mean(t̂)‖₂ (range [0, 2])."""
+    _check_pairs(image, text)
+    return (image.double().mean(0) - text.double().mean(0)).norm().item()
+
+
+def centroid_mse(image: Tensor, text: Tensor) -> float:
+    """‖mean(v̂) − mean(t̂)‖² / D, as CLIP-Refine's code reports the gap."""
+    _check_pairs(image, text)
+    delta = image.double().mean(0) - text.double().mean(0)
+    return (delta.square().sum() / image.shape[1]).item()
+
+
+def mean_pair_distance(image: Tensor, text: Tensor) -> float:
+    """mean_i ‖v̂_i − t̂_i‖₂."""
+    _check_pairs(image, text)
+    return (image.double() - text.double()).norm(dim=1).mean().item()
+
+
+def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> float:
+    """Wang & Isola's alignment: mean_i ‖x_i − y_i‖^α (lower is better aligned)."""
+    _check_pairs(x, y)
+    return (x.double() - y.double()).norm(dim=1).pow(alpha).mean().item()
+
+
+def uniformity(x: Tensor, t: float = 2.0) -> float:
+    """Wang & Isola's uniformity: log mean_{i<j} exp(−t‖x_i − x_j‖²) (lower is more uniform)."""
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature rows [N, D], got {tuple(x.shape)}")
+    sq = torch.pdist(x.double()).square()
+    # log-mean-exp, stable for large t·distances
+    return (torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())).item()
+
+
+def relative_alignment(image: Tensor, text: Tensor) -> float:
+    """m²-mix's relative alignment: mean_i(‖t̂_i − v̂_i‖² − min_{j≠i} ‖t̂_i − v̂_j‖²).
+    Negative when every text is closer to its own image than to any other image."""
+    _check_pairs(image, text)
+    d2 = torch.cdist(text.double(), image.double()).square()
+    own = d2.diagonal()
+    others = d2 + torch.diag(torch.full_like(own, float("inf")))
+    return (own - others.min(dim=1).values).mean().item()
+
+
+def linear_separability(
+    image: Tensor, text: Tensor, seed: int = 0, train_fraction: float = 0.8, l2: float = 1.0, max_iter: int = 100
+) -> float:
+    """Test accuracy of a logistic regression (image = 0, text = 1) trained on a seeded
+    ``train_fraction`` of the pairs and scored on the rest; L2 penalty ``l2``·½‖w‖² on the
+    summed log-loss, i.e. scikit-learn's default C = 1. Fitted with L-BFGS in float64."""
+    _check_pairs(image, text)
+    n = image.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train = min(n - 1, max(1, int(round(train_fraction * n))))
+    train, test = order[:n_train], order[n_train:]
+
+    def stack(rows: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([image[rows], text[rows]]).double().cpu()
+        y = torch.cat([torch.zeros(len(rows)), torch.ones(len(rows))]).double()
+        return x, y
+
+    x_train, y_train = stack(train)
+    x_test, y_test = stack(test)
+    w = torch.zeros(x_train.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        logits = x_train @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_train, reduction="sum")
+        loss = loss + 0.5 * l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        predictions = (x_test @ w + b) > 0
+    return (predictions == y_test.bool()).double().mean().item()
+
+
+def modality_gap_metrics(image: Tensor, text: Tensor, seed: int = 0) -> dict[str, float]:
+    """Every metric above, with uniformity on images, texts and their union."""
+    return {
+        "centroid_distance": centroid_distance(image, text),
+        "centroid_mse": centroid_mse(image, text),
+        "mean_pair_distance": mean_pair_distance(image, text),
+        "linear_separability": linear_separability(image, text, seed=seed),
+        "alignment": alignment(image, text),
+        "uniformity_image": uniformity(image),
+        "uniformity_text": uniformity(text),
+        "uniformity_union": uniformity(torch.cat([image, text])),
+        "relative_alignment": relative_alignment(image, text),
+    }
