@@ -165,7 +165,10 @@ def build_callbacks(cfg: RunConfig, bundle: ModelBundle) -> list[L.Callback]:
         callbacks.append(RetrievalCallback(cfg.eval.retrieval.ks))
     if cfg.eval.zeroshot:
         image_size = cfg.data.synthetic.image_size
-        tasks = [build_zeroshot_task(t, bundle.preprocess_val, cfg.run.seed, image_size) for t in cfg.eval.zeroshot]
+        tasks = [
+            build_zeroshot_task(t, bundle.preprocess_val, cfg.run.seed, image_size, cfg.data.separator)
+            for t in cfg.eval.zeroshot
+        ]
         callbacks.append(ZeroShotCallback(tasks, batch_size=cfg.eval.batch_size))
     return callbacks
 

@@ -29,7 +29,7 @@ FAST_OVERRIDES = [
     "eval.zeroshot=[{name: shape, task: shape, size: 64, ensemble: max}]",
     "trainer.enable_progress_bar=false",
     "run.plot=false",
-    "trainer.val_check_interval=null",
+    "trainer.val_check_interval=20",
     "data.num_workers=0",
 ]
 

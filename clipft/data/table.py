@@ -46,7 +46,6 @@ def _separator(path: Path, separator: Optional[str]) -> str:
 def _rows(path: Path, separator: Optional[str]) -> Iterator[tuple[int, dict[str, Any], list[str]]]:
     """Yield (line number, row, column names) for CSV/TSV (header line 1) or JSONL."""
     if path.suffix.lower() in (".jsonl", ".json"):
-        columns: list[str] = []
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
@@ -57,10 +56,10 @@ def _rows(path: Path, separator: Optional[str]) -> Iterator[tuple[int, dict[str,
                     raise DataError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from err
                 if not isinstance(row, dict):
                     raise DataError(f"{path}, line {line_no}: each line must be a JSON object")
-                columns = list(row)
-                yield line_no, row, columns
+                yield line_no, row, []  # JSON rows carry their own keys: checked per row
         return
-    with path.open(encoding="utf-8", newline="") as f:
+    # utf-8-sig: spreadsheet programs put a byte-order mark before the first column name
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=_separator(path, separator))
         columns = list(reader.fieldnames or [])
         for row in reader:
@@ -90,12 +89,30 @@ def read_table(
         raise DataError(f"data file '{path}' not found")
     table = Table(path=path)
     root = path.parent
-    first = True
     rows = _rows(path, separator)
     if check_images:
         rows = _progress(rows, path)
+    try:
+        _collect(rows, table, image_key, text_key, root, check_images, what, on_bad_sample)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from err
+    if not table.images and not table.skipped:
+        raise DataError(f"{path}: the file has no rows")
+    if not table.images:
+        raise DataError(f"{path}: no usable rows ({len(table.skipped)} skipped; first: {table.skipped[0]})")
+    if table.skipped:
+        log.warning("%s: skipped %d bad rows (first: %s)", path, len(table.skipped), table.skipped[0])
+    return table
+
+
+def _collect(
+    rows: Iterator[tuple[int, dict[str, Any], list[str]]], table: Table, image_key: str, text_key: str, root: Path,
+    check_images: bool, what: str, on_bad_sample: str,
+) -> None:
+    path = table.path
+    first = True
     for line_no, row, columns in rows:
-        if first:
+        if first and columns:
             for key, role in ((image_key, "image path"), (text_key, what)):
                 if key not in columns:
                     raise DataError(
@@ -113,18 +130,14 @@ def read_table(
         table.images.append(root / str(row[image_key]).strip())
         table.texts.append(str(row[text_key]).strip())
         table.lines.append(line_no)
-    if first and not table.skipped:
-        raise DataError(f"{path}: the file has no rows")
-    if not table.images:
-        raise DataError(f"{path}: no usable rows ({len(table.skipped)} skipped; first: {table.skipped[0]})")
-    if table.skipped:
-        log.warning("%s: skipped %d bad rows (first: %s)", path, len(table.skipped), table.skipped[0])
-    return table
 
 
 def _check_row(
     row: dict[str, Any], image_key: str, text_key: str, root: Path, check_images: bool, what: str
 ) -> Optional[str]:
+    for key in (image_key, text_key):
+        if key not in row:
+            return f"no '{key}' key"
     image = row.get(image_key)
     text = row.get(text_key)
     if image is None or not str(image).strip():

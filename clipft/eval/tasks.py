@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from clipft.config import ZeroShotTaskConfig
 from clipft.data import synthetic
 from clipft.data.datamodule import SyntheticFetch, TableFetch, TransformedImages
-from clipft.data.table import read_table
+from clipft.data.table import DataError, read_table
 from clipft.data.transforms import array_transform
 from clipft.eval.callbacks import ZeroShotTask
 
 
 def build_zeroshot_task(
-    cfg: ZeroShotTaskConfig, preprocess_val: Callable[[Any], torch.Tensor], seed: int = 0, image_size: int = 32
+    cfg: ZeroShotTaskConfig,
+    preprocess_val: Callable[[Any], torch.Tensor],
+    seed: int = 0,
+    image_size: int = 32,
+    separator: Optional[str] = None,
 ) -> ZeroShotTask:
     """A task of the synthetic data set (one-object images; prompts are every caption of the
     data's grammar that describes the class) or of a table of images and labels."""
@@ -31,14 +35,12 @@ def build_zeroshot_task(
             templates=functools.partial(synthetic.prompts, cfg.task),
             ensemble=cfg.ensemble,
         )
-    if not cfg.data:
-        raise ValueError(f"eval.zeroshot '{cfg.name}': source=csv needs 'data' (a table of images and labels)")
-    table = read_table(cfg.data, cfg.image_key, cfg.label_key, what="label")
+    table = read_table(cfg.data or "", cfg.image_key, cfg.label_key, separator, what="label")
     names = list(cfg.classnames) if cfg.classnames else sorted(set(table.texts))
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(table.texts) - set(index))
     if unknown:
-        raise ValueError(f"{cfg.data}: labels not in eval.zeroshot '{cfg.name}' classnames: {unknown[:10]}")
+        raise DataError(f"{cfg.data}: labels not in eval.zeroshot '{cfg.name}' classnames: {unknown[:10]}")
     return ZeroShotTask(
         name=cfg.name,
         dataset=TransformedImages(TableFetch(table, index), preprocess_val),

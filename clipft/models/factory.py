@@ -89,7 +89,13 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 cfg.name, pretrained=tag, cache_dir=cfg.cache_dir, pretrained_text=False
             )
-    except RuntimeError as err:
+    except (RuntimeError, OSError, ValueError) as err:
+        if cfg.name.startswith("hf-hub:"):
+            raise ModelError(
+                f"model.name: could not fetch '{cfg.name}' from the Hugging Face hub ({str(err).splitlines()[0][:300]}). "
+                "Without internet access, save the model once elsewhere as an open_clip folder and use "
+                "model.name=local-dir:/path/to/folder"
+            ) from err
         if tag is not None:
             raise ModelError(
                 f"model.pretrained: could not download the weights of tag '{tag}' for {cfg.name} "

@@ -70,3 +70,18 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"image": "img/0.png", "text": "y"}\n[1, 2]\n')
     with pytest.raises(DataError, match=r"bad\.jsonl, line 2: each line must be a JSON object"):
         read_table(tmp_path / "bad.jsonl", "image", "text", check_images=False)
+
+
+def test_encodings_and_jsonl_keys(tmp_path: Path) -> None:
+    names = make_images(tmp_path, 2)
+    # a spreadsheet's UTF-8 CSV starts with a byte-order mark
+    (tmp_path / "bom.csv").write_bytes(("\ufefffilepath,title\n" + f"{names[0]},café\n").encode("utf-8"))
+    assert read_table(tmp_path / "bom.csv", "filepath", "title").texts == ["café"]
+    (tmp_path / "latin.csv").write_bytes(f"filepath,title\n{names[0]},caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.csv: not UTF-8 text"):
+        read_table(tmp_path / "latin.csv", "filepath", "title")
+    lines = [json.dumps({"image": names[0]}), json.dumps({"image": names[1], "text": "ok"})]
+    (tmp_path / "keys.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"keys\.jsonl, line 1: no 'text' key"):
+        read_table(tmp_path / "keys.jsonl", "image", "text")
+    assert read_table(tmp_path / "keys.jsonl", "image", "text", on_bad_sample="skip").texts == ["ok"]
