@@ -169,6 +169,8 @@ class RetrievalEvalConfig:
 @dataclass
 class EvalConfig:
     retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    # modality gap, alignment, uniformity of the validation pairs, and gap.png
+    gap: bool = True
     zeroshot: list[ZeroShotTaskConfig] = field(default_factory=list)
     batch_size: int = 256
 

@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from clipft.config import PRECISION, ConfigError, RunConfig, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
-from clipft.eval.callbacks import RetrievalCallback, RunReport, ZeroShotCallback
+from clipft.eval.callbacks import GapCallback, RetrievalCallback, RunReport, ValidationFeatures, ZeroShotCallback
+from clipft.eval.gap import GAP_METRICS
 from clipft.eval.plots import plot_training_curves
 from clipft.eval.tasks import build_zeroshot_task
 from clipft.logs import ContinuingCSVLogger
@@ -137,6 +138,8 @@ def check_monitor(cfg: RunConfig, method: ContrastiveMethod) -> None:
         names |= {f"val/retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in ks}
         names |= {"val/retrieval/mean_r1"} if 1 in ks else set()
     names |= {f"val/zeroshot/{t.name}/{m}" for t in cfg.eval.zeroshot for m in ("top1", "top5")}
+    if cfg.eval.gap:
+        names |= {f"val/gap/{m}" for m in GAP_METRICS}
     if cfg.run.monitor not in names:
         close = difflib.get_close_matches(cfg.run.monitor, sorted(names), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -159,10 +162,13 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_callbacks(cfg: RunConfig, bundle: ModelBundle) -> list[L.Callback]:
-    callbacks: list[L.Callback] = []
+def build_callbacks(cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path] = None) -> list[L.Callback]:
+    features = ValidationFeatures()  # one encoding pass, shared by retrieval and gap
+    callbacks: list[L.Callback] = [features]
     if cfg.eval.retrieval.enabled:
-        callbacks.append(RetrievalCallback(cfg.eval.retrieval.ks))
+        callbacks.append(RetrievalCallback(features, cfg.eval.retrieval.ks))
+    if cfg.eval.gap:
+        callbacks.append(GapCallback(features, run_dir / "gap.png" if run_dir else None, seed=cfg.run.seed))
     if cfg.eval.zeroshot:
         image_size = cfg.data.synthetic.image_size
         tasks = [
@@ -189,7 +195,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=cfg.run.seed
     )
     datamodule.prepare_sources()
-    callbacks = build_callbacks(cfg, bundle)
+    callbacks = build_callbacks(cfg, bundle, run_dir)
     method = build_method(cfg, bundle)
     if stage == "fit":
         check_monitor(cfg, method)

@@ -43,25 +43,30 @@ def _gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tens
     return pl_module.all_gather(rows).reshape(-1, *rows.shape[1:])
 
 
-class RetrievalCallback(L.Callback):
-    """Image→text and text→image R@K on the validation pairs.
+@dataclass
+class PairFeatures:
+    """The validation pairs' features of all ranks, in rank order."""
 
-    Reuses the features that the method's ``validation_step`` returns, so nothing is
-    encoded twice. Several captions per image are supported (an image hits if any of its
-    captions is in the top K), and identical caption strings count as one caption relevant
-    to every image they describe, so R@K stays well defined on templated captions.
-    """
+    image: torch.Tensor  # [N, D] one row per validation pair
+    text: torch.Tensor  # [N, D]
+    captions: list[str]
+    image_ids: list[str]
 
-    def __init__(self, ks: Sequence[int] = (1, 5, 10), name: str = "retrieval") -> None:
-        self.ks = tuple(ks)
-        self.name = name
+
+class ValidationFeatures(L.Callback):
+    """Collects the features that the method's ``validation_step`` returns, once per
+    validation, so that every callback that needs them (retrieval, modality gap) shares
+    one encoding pass. Register it before its consumers."""
+
+    def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
-        self.image_features: list[torch.Tensor] = []
-        self.text_features: list[torch.Tensor] = []
+        self.image_batches: list[torch.Tensor] = []
+        self.text_batches: list[torch.Tensor] = []
         self.captions: list[str] = []
         self.image_ids: list[str] = []
+        self._gathered: Optional[PairFeatures] = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -72,24 +77,74 @@ class RetrievalCallback(L.Callback):
     ) -> None:
         if not isinstance(outputs, dict) or "image_features" not in outputs:
             return
-        self.image_features.append(outputs["image_features"].float())
-        self.text_features.append(outputs["text_features"].float())
+        self.image_batches.append(outputs["image_features"].float())
+        self.text_batches.append(outputs["text_features"].float())
         self.captions.extend(batch.captions)
         self.image_ids.extend(batch.image_ids)
 
+    def get(self, pl_module: L.LightningModule) -> Optional[PairFeatures]:
+        """All ranks' features (gathered on the first call of each validation)."""
+        if self._gathered is None and self.image_batches:
+            trainer = pl_module.trainer
+            self._gathered = PairFeatures(
+                image=_gather_rows(pl_module, torch.cat(self.image_batches)),
+                text=_gather_rows(pl_module, torch.cat(self.text_batches)),
+                captions=_gather_objects(trainer, self.captions),
+                image_ids=_gather_objects(trainer, self.image_ids),
+            )
+        return self._gathered
+
+
+class RetrievalCallback(L.Callback):
+    """Image→text and text→image R@K on the validation pairs.
+
+    Reads the shared validation features, so nothing is encoded twice. Several captions per
+    image are supported (an image hits if any of its captions is in the top K, as in COCO's
+    5-caption protocol), and identical caption strings count as one caption relevant to
+    every image they describe, so R@K stays well defined on templated captions.
+    """
+
+    def __init__(self, features: ValidationFeatures, ks: Sequence[int] = (1, 5, 10), name: str = "retrieval") -> None:
+        self.features = features
+        self.ks = tuple(ks)
+        self.name = name
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.image_features:
+        pairs = self.features.get(pl_module)
+        if pairs is None:
             return
-        images = _gather_rows(pl_module, torch.cat(self.image_features))
-        texts = _gather_rows(pl_module, torch.cat(self.text_features))
-        captions = _gather_objects(trainer, self.captions)
-        image_ids = _gather_objects(trainer, self.image_ids)
-        relevance, image_rows, text_rows = relevance_from_pairs(image_ids, captions)
-        metrics = retrieval_recall(images[image_rows], texts[text_rows], relevance, self.ks)
+        relevance, image_rows, text_rows = relevance_from_pairs(pairs.image_ids, pairs.captions)
+        metrics = retrieval_recall(pairs.image[image_rows], pairs.text[text_rows], relevance, self.ks)
         metrics["n_images"], metrics["n_texts"] = relevance.shape
         for key, value in metrics.items():
             pl_module.log(f"val/{self.name}/{key}", float(value), sync_dist=False, rank_zero_only=False)
-        self._reset()
+
+
+class GapCallback(L.Callback):
+    """Modality gap, alignment and uniformity of the validation pairs (:mod:`clipft.eval.gap`),
+    logged as ``val/gap/<metric>``, and a 2-D PCA picture of both modalities saved as
+    ``plot_path`` (rank 0) at the end of every validation."""
+
+    def __init__(self, features: ValidationFeatures, plot_path: Optional[Path] = None, seed: int = 0) -> None:
+        self.features = features
+        self.plot_path = plot_path
+        self.seed = seed
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from clipft.eval.gap import modality_gap_metrics
+        from clipft.eval.plots import plot_modality_gap
+
+        pairs = self.features.get(pl_module)
+        if pairs is None or len(pairs.captions) < 4:
+            return
+        # one row per distinct (image, caption) pair: DDP pads ranks with repeated samples
+        keep = list({(i, c): n for n, (i, c) in enumerate(zip(pairs.image_ids, pairs.captions))}.values())
+        image, text = pairs.image[keep].cpu(), pairs.text[keep].cpu()
+        metrics = modality_gap_metrics(image, text, seed=self.seed)
+        for key, value in metrics.items():
+            pl_module.log(f"val/gap/{key}", value, sync_dist=False, rank_zero_only=False)
+        if self.plot_path is not None and trainer.is_global_zero and not trainer.sanity_checking:
+            plot_modality_gap(image, text, metrics, self.plot_path, step=trainer.global_step)
 
 
 @dataclass

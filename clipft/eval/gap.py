@@ -89,8 +89,14 @@ def linear_separability(
         y = torch.cat([torch.zeros(len(rows)), torch.ones(len(rows))]).double()
         return x, y
 
-    x_train, y_train = stack(train)
-    x_test, y_test = stack(test)
+    # Validation runs under torch.inference_mode; the fit needs autograd on ordinary tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        x_train, y_train = (t.clone() for t in stack(train))
+        x_test, y_test = stack(test)
+        return _fit_logistic(x_train, y_train, x_test, y_test, l2, max_iter)
+
+
+def _fit_logistic(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, l2: float, max_iter: int) -> float:
     w = torch.zeros(x_train.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
@@ -103,11 +109,16 @@ def linear_separability(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        optimizer.step(closure)
+    optimizer.step(closure)
     with torch.no_grad():
         predictions = (x_test @ w + b) > 0
     return (predictions == y_test.bool()).double().mean().item()
+
+
+GAP_METRICS = (
+    "centroid_distance", "centroid_mse", "mean_pair_distance", "linear_separability", "alignment",
+    "uniformity_image", "uniformity_text", "uniformity_union", "relative_alignment",
+)
 
 
 def modality_gap_metrics(image: Tensor, text: Tensor, seed: int = 0) -> dict[str, float]:

@@ -66,3 +66,47 @@ def plot_training_curves(metrics_csv: Path, out_png: Path, title: Optional[str] 
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_modality_gap(
+    image: "torch.Tensor", text: "torch.Tensor", metrics: dict[str, float], out_png: Path, step: Optional[int] = None
+) -> Path:
+    """2-D PCA projection (fitted on both modalities together) of image and text embeddings,
+    coloured by modality, with paired points joined for a sample of pairs and the gap
+    figures in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    both = torch.cat([image, text]).double()
+    centred = both - both.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    xy = (centred @ v[:2].T).numpy()
+    n = image.shape[0]
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    for i in range(0, n, max(1, n // 60)):  # a few pair lines show how far pairs sit apart
+        ax.plot([xy[i, 0], xy[n + i, 0]], [xy[i, 1], xy[n + i, 1]], color="0.8", linewidth=0.5, zorder=1)
+    ax.scatter(xy[:n, 0], xy[:n, 1], s=6, alpha=0.6, label="image", color="tab:blue", zorder=2)
+    ax.scatter(xy[n:, 0], xy[n:, 1], s=6, alpha=0.6, label="text", color="tab:orange", zorder=2)
+    for rows, colour in ((slice(0, n), "navy"), (slice(n, 2 * n), "darkred")):
+        centre = xy[rows].mean(0)
+        ax.scatter([centre[0]], [centre[1]], marker="X", s=120, color=colour, edgecolor="white", zorder=3)
+    title = (
+        f"centroid distance {metrics['centroid_distance']:.3f} · separability {metrics['linear_separability']:.2f}\n"
+        f"alignment {metrics['alignment']:.3f} · uniformity (union) {metrics['uniformity_union']:.2f}"
+    )
+    if step is not None:
+        title = f"step {step}: " + title
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(loc="best", markerscale=3)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from clipft.data.datamodule import Batch
-from clipft.eval.callbacks import RetrievalCallback, RunReport, ZeroShotCallback, ZeroShotTask
+from clipft.eval.callbacks import (
+    GapCallback,
+    RetrievalCallback,
+    RunReport,
+    ValidationFeatures,
+    ZeroShotCallback,
+    ZeroShotTask,
+)
 
 
 class FakeModule:
@@ -22,7 +29,7 @@ class FakeModule:
         self._trainer = None
         self.vocab = vocab
         self.logged: dict[str, float] = {}
-        self.trainer = SimpleNamespace(world_size=1, sanity_checking=False)
+        self.trainer = SimpleNamespace(world_size=1, sanity_checking=False, is_global_zero=True, global_step=3)
 
     def tokenizer(self, texts: list[str]) -> torch.Tensor:
         return torch.tensor([self.vocab.index(t) for t in texts])
@@ -39,7 +46,8 @@ class FakeModule:
 
 def test_retrieval_callback_dedupes_and_counts() -> None:
     module = FakeModule([])
-    callback = RetrievalCallback(ks=(1, 2))
+    features = ValidationFeatures()
+    callback = RetrievalCallback(features, ks=(1, 2))
     trainer = module.trainer
     e = torch.eye(3)
     # image A with two captions (rows 0, 1), image B and image C share the caption "same".
@@ -50,10 +58,10 @@ def test_retrieval_callback_dedupes_and_counts() -> None:
         (image_rows[:2], text_rows[:2], ["a1", "a2"], ["A", "A"]),
         (image_rows[2:], text_rows[2:], ["same", "same"], ["B", "C"]),
     ]
-    callback.on_validation_epoch_start(trainer, module)
+    features.on_validation_epoch_start(trainer, module)
     for i, (img, txt, caps, ids) in enumerate(batches):
         batch = Batch(img, torch.zeros(2, 1), caps, ids)
-        callback.on_validation_batch_end(trainer, module, {"image_features": img, "text_features": txt}, batch, i)
+        features.on_validation_batch_end(trainer, module, {"image_features": img, "text_features": txt}, batch, i)
     callback.on_validation_epoch_end(trainer, module)
     got = module.logged
     assert got["val/retrieval/n_images"] == 3 and got["val/retrieval/n_texts"] == 3
@@ -105,3 +113,22 @@ def test_run_report_writes_val_metrics(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "report.json").read_text())
     assert data == {"method": "finetune", "global_step": 7, "epoch": 0, "metrics": {"val/loss": 1.5, "val/x/top1": 0.25}}
     assert not list(tmp_path.glob(".report.json.*"))  # no temporary file left behind
+
+
+def test_gap_callback_shares_features_and_plots(tmp_path: Path) -> None:
+    module = FakeModule([])
+    features = ValidationFeatures()
+    gap = GapCallback(features, plot_path=tmp_path / "gap.png")
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(40, 8, generator=g) + torch.tensor([3.0] + [0.0] * 7), dim=1)
+    text = F.normalize(torch.randn(40, 8, generator=g) - torch.tensor([3.0] + [0.0] * 7), dim=1)
+    batch = Batch(image, torch.zeros(40, 1), [f"c{i}" for i in range(40)], [str(i) for i in range(40)])
+    features.on_validation_epoch_start(module.trainer, module)
+    features.on_validation_batch_end(module.trainer, module, {"image_features": image, "text_features": text}, batch, 0)
+    gap.on_validation_epoch_end(module.trainer, module)
+    from clipft.eval.gap import centroid_distance
+
+    assert module.logged["val/gap/centroid_distance"] == pytest.approx(centroid_distance(image, text))
+    assert module.logged["val/gap/linear_separability"] == 1.0  # two far-apart clusters
+    assert (tmp_path / "gap.png").stat().st_size > 10_000
+    assert features.get(module) is features.get(module)  # gathered once, shared
