@@ -5,7 +5,7 @@ Examples:
   clipft fit recipes/quickstart.yaml optim.lr=5e-4 trainer.max_steps=200
   clipft fit recipes/quickstart.yaml run.resume=last
   clipft info recipes/finetune.yaml model.name=ViT-B-32
-  clipft validate recipes/quickstart.yaml --ckpt runs/quickstart/<time>/checkpoints/best.ckpt
+  clipft validate recipes/quickstart.yaml ckpt=runs/quickstart/<time>/checkpoints/best.ckpt
 """
 
 from __future__ import annotations
@@ -41,12 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     val = verbs.add_parser(
         "validate",
         help="evaluate a model with a recipe's evaluation, without training",
-        description="Run the recipe's validation (loss, retrieval, zero-shot) on the recipe's model "
-        "(model.name + model.pretrained) or on a clipft checkpoint, and write report.json.",
+        description="Run the recipe's whole evaluation (loss, retrieval, zero-shot, compositional, modality "
+        "gap) on a clipft checkpoint (ckpt=PATH or --ckpt PATH), or on the recipe's starting model "
+        "(model.name + model.pretrained) when none is given. Writes report.json, report.md and gap.png "
+        "in a new run folder: compare before and after training.",
     )
     val.add_argument("recipe", help="recipe YAML")
     val.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    val.add_argument("--ckpt", help="a clipft checkpoint (.ckpt) to evaluate instead of model.pretrained")
+    val.add_argument("--ckpt", help="a clipft checkpoint (.ckpt) to evaluate (also as ckpt=PATH)")
 
     info = verbs.add_parser(
         "info",
@@ -76,6 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + extra
+    if args.verb == "validate":  # `ckpt=PATH` is the same as --ckpt PATH
+        for item in [o for o in args.overrides if o.startswith("ckpt=")]:
+            args.overrides.remove(item)
+            args.ckpt = item.split("=", 1)[1]
     _prepare_environment(args.recipe, list(args.overrides))
 
     from clipft.config import ConfigError, load_config, to_yaml

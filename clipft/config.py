@@ -167,10 +167,21 @@ class RetrievalEvalConfig:
 
 
 @dataclass
+class CompositionalEvalConfig:
+    # null: off; synthetic: a SugarCrepe-format folder written for held-out synthetic scenes;
+    # folder: a SugarCrepe download (<subset>.json files) at `path`, images in `image_root`
+    source: Optional[str] = None
+    path: Optional[str] = None
+    image_root: Optional[str] = None  # null: <path>/images
+    size: int = 500  # synthetic: number of scenes
+
+
+@dataclass
 class EvalConfig:
     retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
     # modality gap, alignment, uniformity of the validation pairs, and gap.png
     gap: bool = True
+    compositional: CompositionalEvalConfig = field(default_factory=CompositionalEvalConfig)
     zeroshot: list[ZeroShotTaskConfig] = field(default_factory=list)
     batch_size: int = 256
 
@@ -205,6 +216,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.train_transform": ("train", "val"),
     "optim.schedule": ("cosine", "constant"),
     "eval.zeroshot.source": ("synthetic", "csv"),
+    "eval.compositional.source": (None, "synthetic", "folder"),
     "eval.zeroshot.task": ("shape", "colour", "object"),
     "eval.zeroshot.split": ("val", "novel"),
     "eval.zeroshot.ensemble": ("mean", "max"),
@@ -415,7 +427,8 @@ def _check_choices(cfg: DictConfig) -> None:
             nodes = [(dotted, OmegaConf.select(cfg, dotted))]
         for where, value in nodes:
             if value not in allowed:
-                raise ConfigError(f"{where}={value!r} is not one of: {', '.join(allowed)}")
+                names = ", ".join("null" if a is None else str(a) for a in allowed)
+                raise ConfigError(f"{where}={value!r} is not one of: {names}")
 
 
 def _method_name(layers: list[tuple[str, DictConfig]]) -> str:
@@ -467,6 +480,8 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
     for i, task in enumerate(cfg.eval.zeroshot):
         if task.source == "csv" and not task.data:
             raise ConfigError(f"eval.zeroshot[{i}].data: a table of images and labels is required for source=csv")
+    if cfg.eval.compositional.source == "folder" and not cfg.eval.compositional.path:
+        raise ConfigError("eval.compositional.path: the folder of <subset>.json files is required for source=folder")
     if cfg.run.monitor.startswith("val/") and cfg.data.source == "csv" and not cfg.data.val:
         raise ConfigError(
             f"run.monitor={cfg.run.monitor} needs validation data: set data.val (a table like data.train), "

@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from clipft.config import PRECISION, ConfigError, RunConfig, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
-from clipft.eval.callbacks import GapCallback, RetrievalCallback, RunReport, ValidationFeatures, ZeroShotCallback
+from clipft.eval.callbacks import CompositionalCallback, GapCallback, RetrievalCallback, RunReport, ValidationFeatures, ZeroShotCallback
+from clipft.eval.compositional import GROUPS, SUBSETS, load_benchmark, write_synthetic_benchmark
 from clipft.eval.gap import GAP_METRICS
 from clipft.eval.plots import plot_training_curves
 from clipft.eval.tasks import build_zeroshot_task
@@ -140,6 +141,8 @@ def check_monitor(cfg: RunConfig, method: ContrastiveMethod) -> None:
     names |= {f"val/zeroshot/{t.name}/{m}" for t in cfg.eval.zeroshot for m in ("top1", "top5")}
     if cfg.eval.gap:
         names |= {f"val/gap/{m}" for m in GAP_METRICS}
+    if cfg.eval.compositional.source is not None:
+        names |= {f"val/compositional/{m}" for m in (*SUBSETS, *GROUPS)}
     if cfg.run.monitor not in names:
         close = difflib.get_close_matches(cfg.run.monitor, sorted(names), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -169,6 +172,15 @@ def build_callbacks(cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path]
         callbacks.append(RetrievalCallback(features, cfg.eval.retrieval.ks))
     if cfg.eval.gap:
         callbacks.append(GapCallback(features, run_dir / "gap.png" if run_dir else None, seed=cfg.run.seed))
+    comp = cfg.eval.compositional
+    if comp.source is not None:
+        if comp.source == "synthetic":
+            cache = Path(cfg.run.out_dir) / ".cache" / f"compositional-synthetic-{comp.size}-{cfg.run.seed}-{cfg.data.synthetic.image_size}"
+            folder = write_synthetic_benchmark(cache, comp.size, cfg.run.seed, cfg.data.synthetic.image_size)
+        else:
+            folder = Path(comp.path or "")
+        subsets = load_benchmark(folder, comp.image_root)
+        callbacks.append(CompositionalCallback(subsets, bundle.preprocess_val, batch_size=cfg.eval.batch_size))
     if cfg.eval.zeroshot:
         image_size = cfg.data.synthetic.image_size
         tasks = [
@@ -321,9 +333,15 @@ def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
     if ckpt and not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: checkpoint '{ckpt}' not found")
     run = build_run(cfg, "validate")
+    label = f"{cfg.model.name} ({cfg.model.pretrained or 'random init'})"
     if ckpt:
         load_pretrained_file(run.method.model, ckpt)  # names missing / mismatched keys
-        run.report.extra["checkpoint"] = str(ckpt)
+        step = _checkpoint_step(Path(ckpt))
+        run.report.extra.update(checkpoint=str(ckpt), checkpoint_step=step)
+        label = f"checkpoint, step {step}"
+    for callback in run.trainer.callbacks:
+        if isinstance(callback, GapCallback):
+            callback.label = label
     run.trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
     run.report.write(run.trainer)
     return {**run.report.extra, "metrics": run.report.metrics}

@@ -139,3 +139,20 @@ def test_two_process_ddp_fit_on_cpu(fast_overrides: list[str]) -> None:
     report = json.loads((runs[0] / "report.json").read_text())
     assert report["steps"] == 12 and 0 < report["metrics"]["val/loss"] < 10
     assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_validate_writes_every_section(fast_overrides: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = [*fast_overrides, "eval.compositional.size=40"]
+    assert main(["validate", QUICKSTART, *overrides]) == 0  # the recipe's starting model
+    report_path = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"])
+    run = report_path.parent
+    report = json.loads(report_path.read_text())
+    metrics = report["metrics"]
+    for key in ("val/loss", "val/retrieval/i2t_r1", "val/zeroshot/shape/top1", "val/compositional/SWAP",
+                "val/gap/centroid_distance", "val/gap/linear_separability", "val/gap/uniformity_union"):
+        assert key in metrics, key
+    markdown = (run / "report.md").read_text()
+    for title in ("## Retrieval", "## Zero-shot", "## Compositional", "## Modality gap", "![modality gap](gap.png)"):
+        assert title in markdown, title
+    assert (run / "gap.png").stat().st_size > 10_000
+    assert not (run / "checkpoints").exists()  # validate writes no checkpoints

@@ -129,6 +129,7 @@ class GapCallback(L.Callback):
         self.features = features
         self.plot_path = plot_path
         self.seed = seed
+        self.label: Optional[str] = None  # plot title prefix; default "step <global step>"
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from clipft.eval.gap import modality_gap_metrics
@@ -144,7 +145,8 @@ class GapCallback(L.Callback):
         for key, value in metrics.items():
             pl_module.log(f"val/gap/{key}", value, sync_dist=False, rank_zero_only=False)
         if self.plot_path is not None and trainer.is_global_zero and not trainer.sanity_checking:
-            plot_modality_gap(image, text, metrics, self.plot_path, step=trainer.global_step)
+            label = self.label or f"step {trainer.global_step}"
+            plot_modality_gap(image, text, metrics, self.plot_path, label=label)
 
 
 @dataclass
@@ -205,14 +207,63 @@ class ZeroShotCallback(L.Callback):
                 pl_module.log(f"val/zeroshot/{task.name}/{key}", value, sync_dist=False, rank_zero_only=False)
 
 
+class CompositionalCallback(L.Callback):
+    """Image vs caption vs negative caption (SugarCrepe format, :mod:`clipft.eval.compositional`):
+    accuracy per subset and REPLACE/SWAP/ADD, logged as ``val/compositional/<name>``."""
+
+    def __init__(self, subsets: dict[str, list[Any]], preprocess: Callable[[Any], torch.Tensor], batch_size: int = 256):
+        self.subsets = subsets
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def evaluate(self, pl_module: Any) -> dict[str, float]:
+        from clipft.data.table import load_rgb
+        from clipft.eval.compositional import evaluate
+
+        device = pl_module.device
+        trainer = pl_module._trainer
+        precision = trainer.precision_plugin if trainer is not None else None
+
+        def encode_images(paths: list[Path]) -> torch.Tensor:
+            out = []
+            for start in range(0, len(paths), self.batch_size):
+                images = torch.stack([self.preprocess(load_rgb(p)) for p in paths[start : start + self.batch_size]])
+                images = images.to(device)
+                if precision is not None:
+                    images = precision.convert_input(images)
+                out.append(pl_module.encode_image(images).float())
+            return torch.cat(out)
+
+        def encode_texts(texts: list[str]) -> torch.Tensor:
+            out = []
+            for start in range(0, len(texts), self.batch_size):
+                tokens = pl_module.tokenizer(texts[start : start + self.batch_size]).to(device)
+                out.append(pl_module.encode_text(tokens).float())
+            return torch.cat(out)
+
+        context = precision.forward_context() if precision is not None else torch.autocast("cpu", enabled=False)
+        with context:
+            return evaluate(encode_images, encode_texts, self.subsets)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for key, value in self.evaluate(pl_module).items():
+            pl_module.log(f"val/compositional/{key}", value, sync_dist=False, rank_zero_only=False)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON via a temporary file and a rename, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for everyone to read
         os.replace(tmp, path)
     except BaseException:
@@ -222,7 +273,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 class RunReport(L.Callback):
     """Writes ``report.json`` (the latest validation metrics, step and epoch, plus any
-    ``extra`` fields) after every validation, on rank 0."""
+    ``extra`` fields) and ``report.md`` (the same as tables) after every validation, on rank 0."""
 
     def __init__(self, path: Path, extra: Optional[dict[str, Any]] = None) -> None:
         self.path = Path(path)
@@ -241,4 +292,8 @@ class RunReport(L.Callback):
     def write(self, trainer: Optional[L.Trainer] = None) -> None:
         if trainer is not None and not trainer.is_global_zero:
             return
-        write_json_atomic(self.path, {**self.extra, "metrics": self.metrics})
+        from clipft.eval.report import render_markdown
+
+        report = {**self.extra, "metrics": self.metrics}
+        write_json_atomic(self.path, report)
+        write_text_atomic(self.path.with_suffix(".md"), render_markdown(report))

@@ -69,7 +69,7 @@ def plot_training_curves(metrics_csv: Path, out_png: Path, title: Optional[str] 
 
 
 def plot_modality_gap(
-    image: "torch.Tensor", text: "torch.Tensor", metrics: dict[str, float], out_png: Path, step: Optional[int] = None
+    image: "torch.Tensor", text: "torch.Tensor", metrics: dict[str, float], out_png: Path, label: Optional[str] = None
 ) -> Path:
     """2-D PCA projection (fitted on both modalities together) of image and text embeddings,
     coloured by modality, with paired points joined for a sample of pairs and the gap
@@ -97,8 +97,8 @@ def plot_modality_gap(
         f"centroid distance {metrics['centroid_distance']:.3f} · separability {metrics['linear_separability']:.2f}\n"
         f"alignment {metrics['alignment']:.3f} · uniformity (union) {metrics['uniformity_union']:.2f}"
     )
-    if step is not None:
-        title = f"step {step}: " + title
+    if label:
+        title = f"{label}: " + title
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")

@@ -1,0 +1,210 @@
+"""Compositional evaluation in SugarCrepe's format (Hsieh et al., NeurIPS 2023).
+
+A benchmark folder holds one JSON file per subset, ``<subset>.json``:
+``{"<id>": {"filename": "...", "caption": "...", "negative_caption": "..."}, ...}``, with image
+file names relative to an image folder. An item is right when the image is closer to its
+caption than to the negative caption: cos(v̂, t̂⁺) > cos(v̂, t̂⁻). Accuracy is reported per
+subset and averaged into SugarCrepe's REPLACE (obj, att, rel), SWAP (obj, att) and ADD (obj,
+att) groups over the subsets present.
+
+:func:`write_synthetic_benchmark` writes such a folder for held-out scenes of the synthetic data
+set, with exact negatives from the scene description; a real SugarCrepe download (its JSON
+files plus the COCO val2017 images) is read by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clipft.data.synthetic import COLOURS, RELATIONS, SHAPES, SIZES, Scene, SceneObject, SyntheticScenes
+
+SUBSETS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
+GROUPS = {
+    "REPLACE": ("replace_obj", "replace_att", "replace_rel"),
+    "SWAP": ("swap_obj", "swap_att"),
+    "ADD": ("add_obj", "add_att"),
+}
+_OPPOSITE = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
+
+
+@dataclass
+class CompositionalItem:
+    image: Path
+    caption: str
+    negative: str
+
+
+def load_benchmark(folder: str | Path, image_root: Optional[str | Path] = None) -> dict[str, list[CompositionalItem]]:
+    """Read ``<subset>.json`` files (SugarCrepe layout) from ``folder``; images are looked up
+    in ``image_root`` (default: ``folder/images``). Missing subsets are skipped; a malformed
+    item or a missing image is an error naming the file and the item."""
+    folder = Path(folder)
+    root = Path(image_root) if image_root else folder / "images"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"compositional benchmark folder '{folder}' not found")
+    subsets: dict[str, list[CompositionalItem]] = {}
+    for subset in SUBSETS:
+        path = folder / f"{subset}.json"
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+        items = []
+        for key, item in data.items():
+            missing = [k for k in ("filename", "caption", "negative_caption") if not item.get(k)]
+            if missing:
+                raise ValueError(f"{path}: item '{key}' lacks {', '.join(missing)}")
+            image = root / item["filename"]
+            if not image.is_file():
+                raise FileNotFoundError(f"{path}: item '{key}': image '{image}' not found")
+            items.append(CompositionalItem(image, item["caption"], item["negative_caption"]))
+        subsets[subset] = items
+    if not subsets:
+        raise FileNotFoundError(f"{folder}: no subset files ({', '.join(s + '.json' for s in SUBSETS)})")
+    return subsets
+
+
+def pair_accuracy(image: Tensor, positive: Tensor, negative: Tensor) -> float:
+    """Fraction of rows where cos(image, positive) > cos(image, negative) (L2-normalised
+    inputs; a tie counts as wrong)."""
+    if not (image.shape == positive.shape == negative.shape):
+        raise ValueError(f"shapes differ: {tuple(image.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}")
+    pos = (image * positive).sum(-1)
+    neg = (image * negative).sum(-1)
+    return (pos > neg).double().mean().item()
+
+
+def group_averages(per_subset: dict[str, float]) -> dict[str, float]:
+    """SugarCrepe's REPLACE / SWAP / ADD: means of the subsets present in each group."""
+    out = {}
+    for group, members in GROUPS.items():
+        present = [per_subset[m] for m in members if m in per_subset]
+        if present:
+            out[group] = sum(present) / len(present)
+    return out
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def _negatives(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
+    """Exact hard negatives of a scene's caption, one per subset that applies (types that do
+    not apply to the scene are left out, not faked)."""
+    objs = scene.objects
+    out: dict[str, str] = {}
+
+    def caption(objects: tuple[SceneObject, ...], relation: Optional[str]) -> str:
+        return Scene(objects, relation, ((0.0, 0.0),) * len(objects)).caption  # the data's own grammar
+
+    which = int(rng.integers(len(objs)))
+    target = objs[which]
+    other_shapes = [s for s in SHAPES if s != target.shape and all(o.shape != s for o in objs)]
+    other_colours = [c for c in COLOURS if c != target.colour and all(o.colour != c for o in objs)]
+
+    def replaced(obj: SceneObject) -> tuple[SceneObject, ...]:
+        return tuple(obj if i == which else o for i, o in enumerate(objs))
+
+    if other_shapes:
+        new = SceneObject(str(rng.choice(other_shapes)), target.colour, target.size)
+        out["replace_obj"] = caption(replaced(new), scene.relation)
+    if other_colours:
+        new = SceneObject(target.shape, str(rng.choice(other_colours)), target.size)
+        out["replace_att"] = caption(replaced(new), scene.relation)
+    if len(objs) == 2:
+        a, b = objs
+        out["replace_rel"] = caption(objs, _OPPOSITE[scene.relation])  # type: ignore[index]
+        if a.shape != b.shape:
+            out["swap_obj"] = caption(
+                (SceneObject(b.shape, a.colour, a.size), SceneObject(a.shape, b.colour, b.size)), scene.relation
+            )
+        if a.colour != b.colour:
+            out["swap_att"] = caption(
+                (SceneObject(a.shape, b.colour, a.size), SceneObject(b.shape, a.colour, b.size)), scene.relation
+            )
+    else:
+        (a,) = objs
+        extra = SceneObject(
+            str(rng.choice([s for s in SHAPES if s != a.shape])),
+            str(rng.choice([c for c in COLOURS if c != a.colour])),
+            str(rng.choice(SIZES)),
+        )
+        out["add_obj"] = caption((a, extra), str(rng.choice(RELATIONS)))
+        # add_att: the positive leaves the size out; the negative adds the wrong size
+        wrong = [s for s in SIZES if s != a.size][0]
+        out["add_att"] = f"a {wrong} {a.colour} {a.shape}"
+    return out
+
+
+def synthetic_items(size: int, seed: int, image_size: int = 32, split: str = "val") -> list[dict[str, Any]]:
+    """Benchmark items for ``size`` held-out scenes: one dict per (scene, applicable subset)."""
+    scenes = SyntheticScenes(split, size, seed + 7919, image_size)  # not the validation scenes
+    items = []
+    for index in range(size):
+        scene = scenes.scene(index)
+        rng = np.random.default_rng([seed, 4242, index])
+        for subset, negative in _negatives(scene, rng).items():
+            positive = scene.caption
+            if subset == "add_att":
+                obj = scene.objects[0]
+                positive = f"a {obj.colour} {obj.shape}"
+            items.append({"index": index, "subset": subset, "caption": positive, "negative_caption": negative})
+    return items
+
+
+def write_synthetic_benchmark(
+    folder: str | Path, size: int = 500, seed: int = 0, image_size: int = 32, split: str = "val"
+) -> Path:
+    """Write a SugarCrepe-format folder (``<subset>.json`` + ``images/``) for ``size`` held-out
+    synthetic scenes. Reuses an existing folder written with the same arguments."""
+    from PIL import Image
+
+    folder = Path(folder)
+    stamp = {"size": size, "seed": seed, "image_size": image_size, "split": split}
+    marker = folder / "synthetic.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return folder
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    scenes = SyntheticScenes(split, size, seed + 7919, image_size)
+    by_subset: dict[str, dict[str, dict[str, str]]] = {s: {} for s in SUBSETS}
+    written: set[int] = set()
+    for n, item in enumerate(synthetic_items(size, seed, image_size, split)):
+        filename = f"{item['index']:06d}.png"
+        if item["index"] not in written:
+            Image.fromarray(scenes[item["index"]]["image"]).save(folder / "images" / filename)
+            written.add(item["index"])
+        by_subset[item["subset"]][str(n)] = {
+            "filename": filename, "caption": item["caption"], "negative_caption": item["negative_caption"],
+        }
+    for subset, data in by_subset.items():
+        if data:
+            (folder / f"{subset}.json").write_text(json.dumps(data, indent=1))
+    marker.write_text(json.dumps(stamp))
+    return folder
+
+
+def evaluate(
+    encode_images: Any, encode_texts: Any, subsets: dict[str, list[CompositionalItem]]
+) -> dict[str, float]:
+    """Accuracy per subset and per group. ``encode_images(paths) -> [N, D]`` and
+    ``encode_texts(strings) -> [N, D]`` return L2-normalised features."""
+    per_subset = {}
+    for subset, items in subsets.items():
+        image = encode_images([i.image for i in items])
+        positive = encode_texts([i.caption for i in items])
+        negative = encode_texts([i.negative for i in items])
+        per_subset[subset] = pair_accuracy(image, positive, negative)
+    return {**per_subset, **group_averages(per_subset)}

@@ -1,0 +1,74 @@
+"""``report.md``: the validation metrics of ``report.json`` as tables a person reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SECTIONS = (
+    ("retrieval", "Retrieval (image→text, text→image)"),
+    ("zeroshot", "Zero-shot classification"),
+    ("compositional", "Compositional (SugarCrepe format: image closer to its caption than to the negative)"),
+    ("gap", "Modality gap, alignment and uniformity"),
+)
+
+_GAP_NOTES = {
+    "centroid_distance": "‖mean image − mean text‖ (0 = no gap; CLIP ViT-B/32 on COCO ≈ 0.82)",
+    "centroid_mse": "‖Δ‖²/D, CLIP-Refine's number",
+    "mean_pair_distance": "mean ‖image − its text‖",
+    "linear_separability": "logistic regression image vs text, held-out pairs (0.5 = inseparable)",
+    "alignment": "mean ‖image − its text‖², lower = pairs closer",
+    "uniformity_image": "log E exp(−2‖x−y‖²), lower = more uniform",
+    "uniformity_text": "",
+    "uniformity_union": "images and texts together",
+    "relative_alignment": "‖t−v‖² − min other ‖t−v'‖², negative = own image is nearest",
+}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    metrics: dict[str, float] = report.get("metrics", {})
+    lines = [f"# clipft report: {report.get('run_dir', '')}", ""]
+    facts = [
+        ("method", report.get("method")), ("model", report.get("model")), ("checkpoint", report.get("checkpoint")),
+        ("checkpoint step", report.get("checkpoint_step")),
+        ("steps", report.get("steps", report.get("global_step"))), ("train time (s)", report.get("train_time_s")),
+    ]
+    lines += [f"- {k}: {v}" for k, v in facts if v is not None]
+    if "val/loss" in metrics:
+        lines.append(f"- validation loss: {metrics['val/loss']:.4f}")
+    lines.append("")
+    for section, title in _SECTIONS:
+        rows = {k[len(f"val/{section}/"):]: v for k, v in metrics.items() if k.startswith(f"val/{section}/")}
+        if not rows:
+            continue
+        lines += [f"## {title}", ""]
+        if section == "retrieval":
+            ks = sorted({int(k.split("_r")[1]) for k in rows if "_r" in k and k.split("_r")[1].isdigit()})
+            lines += ["| direction | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+            for direction, name in (("i2t", "image → text"), ("t2i", "text → image")):
+                lines.append(f"| {name} | " + " | ".join(_fmt(rows.get(f"{direction}_r{k}")) for k in ks) + " |")
+            if "n_images" in rows:
+                lines += ["", f"{int(rows['n_images'])} images, {int(rows['n_texts'])} distinct captions."]
+        elif section == "zeroshot":
+            tasks = sorted({k.split("/")[0] for k in rows})
+            columns = sorted({k.split("/")[1] for k in rows})
+            lines += ["| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+            for task in tasks:
+                lines.append(f"| {task} | " + " | ".join(_fmt(rows.get(f"{task}/{c}", "")) for c in columns) + " |")
+        elif section == "compositional":
+            groups = [k for k in rows if k.isupper()]
+            subsets = [k for k in rows if not k.isupper()]
+            lines += ["| subset | accuracy |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(rows[k])} |" for k in sorted(subsets)]
+            lines += [f"| **{k}** | **{_fmt(rows[k])}** |" for k in ("REPLACE", "SWAP", "ADD") if k in groups]
+        else:
+            lines += ["| metric | value | meaning |", "|---|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} | {_GAP_NOTES.get(k, '')} |" for k, v in rows.items()]
+            lines += ["", "![modality gap](gap.png)"]
+        lines.append("")
+    if report.get("train_time_s") is not None:
+        lines += ["## Training curves", "", "![training curves](curves.png)", ""]
+    return "\n".join(lines)
