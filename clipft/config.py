@@ -145,18 +145,21 @@ class TrainerConfig:
 @dataclass
 class ZeroShotTaskConfig:
     name: str = "zeroshot"
-    # synthetic: a built-in task of the synthetic data set; csv: a table of images and labels
+    # synthetic: a built-in task of the synthetic data set; csv: a table of images and labels;
+    # folder: an image folder with one sub-folder per class (class name = folder name)
     source: str = "synthetic"
     task: str = "shape"  # synthetic: shape | colour | object
     split: str = "val"  # synthetic: val (seen combinations) | novel (held-out combinations)
     size: int = 600  # synthetic: number of one-object images
-    data: Optional[str] = None  # csv: path of the table
+    data: Optional[str] = None  # csv: path of the table; folder: the image folder
     image_key: str = "filepath"
     label_key: str = "label"
     classnames: Optional[list[str]] = None  # csv: null = the sorted distinct labels
-    # csv: format strings with {} for the class name (null: "a photo of a {}.");
-    # synthetic tasks always use every caption of the data that describes the class.
+    # csv/folder: format strings with {} for the class name, or a named set in template_set
+    # (single: "a photo of a {}."; openai_imagenet: OpenAI's 80; simple_imagenet: 7).
+    # Synthetic tasks always use every caption of the data that describes the class.
     templates: Optional[list[str]] = None
+    template_set: Optional[str] = None
     ensemble: str = "mean"  # mean (OpenAI) | max (max score over templates)
 
 
@@ -215,7 +218,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_sample": ("error", "skip"),
     "data.train_transform": ("train", "val"),
     "optim.schedule": ("cosine", "constant"),
-    "eval.zeroshot.source": ("synthetic", "csv"),
+    "eval.zeroshot.source": ("synthetic", "csv", "folder"),
+    "eval.zeroshot.template_set": (None, "single", "openai_imagenet", "simple_imagenet"),
     "eval.compositional.source": (None, "synthetic", "folder"),
     "eval.zeroshot.task": ("shape", "colour", "object"),
     "eval.zeroshot.split": ("val", "novel"),
@@ -478,8 +482,10 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
     if cfg.data.source == "csv" and not cfg.data.train:
         raise ConfigError("data.train: a table of image paths and captions is required when data.source=csv")
     for i, task in enumerate(cfg.eval.zeroshot):
-        if task.source == "csv" and not task.data:
-            raise ConfigError(f"eval.zeroshot[{i}].data: a table of images and labels is required for source=csv")
+        if task.source in ("csv", "folder") and not task.data:
+            raise ConfigError(f"eval.zeroshot[{i}].data: a table or image folder is required for source={task.source}")
+        if task.templates and task.template_set:
+            raise ConfigError(f"eval.zeroshot[{i}]: give templates or template_set, not both")
     if cfg.eval.compositional.source == "folder" and not cfg.eval.compositional.path:
         raise ConfigError("eval.compositional.path: the folder of <subset>.json files is required for source=folder")
     if cfg.run.monitor.startswith("val/") and cfg.data.source == "csv" and not cfg.data.val:

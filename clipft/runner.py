@@ -138,7 +138,7 @@ def check_monitor(cfg: RunConfig, method: ContrastiveMethod) -> None:
         ks = cfg.eval.retrieval.ks
         names |= {f"val/retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in ks}
         names |= {"val/retrieval/mean_r1"} if 1 in ks else set()
-    names |= {f"val/zeroshot/{t.name}/{m}" for t in cfg.eval.zeroshot for m in ("top1", "top5")}
+    names |= {f"val/zeroshot/{t.name}/{m}" for t in cfg.eval.zeroshot for m in ("top1", "top5", "mean_per_class_recall")}
     if cfg.eval.gap:
         names |= {f"val/gap/{m}" for m in GAP_METRICS}
     if cfg.eval.compositional.source is not None:

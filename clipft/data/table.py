@@ -172,3 +172,27 @@ def load_rgb(path: Path) -> Image.Image:
             return im.convert("RGB")
     except Exception as err:
         raise DataError(f"image '{path}' cannot be read ({type(err).__name__}: {err})") from err
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def read_image_folder(path: str | Path) -> Table:
+    """An image-classification folder: ``path/<class name>/**/<image>``. The texts of the
+    returned table are the class names (folder names)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"image folder '{path}' not found")
+    table = Table(path=path)
+    classes = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{path}: no class sub-folders (expected {path}/<class name>/<images>)")
+    for folder in classes:
+        for image in sorted(folder.rglob("*")):
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                table.images.append(image)
+                table.texts.append(folder.name)
+                table.lines.append(len(table.images))
+    if not table.images:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+    return table

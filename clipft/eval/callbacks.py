@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 import torch
+from torchmetrics.functional.classification import multiclass_recall
 from torch.utils.data import DataLoader, Dataset
 
 from clipft.data.datamodule import collate_labelled
@@ -197,7 +198,13 @@ class ZeroShotCallback(L.Callback):
                 features.append(pl_module.encode_image(images).float())
                 labels.append(batch_labels.to(device))
         logits = zero_shot_logits(torch.cat(features), classifier, task.ensemble)
-        return topk_accuracy(logits, torch.cat(labels), ks=(1, 5))
+        labels_all = torch.cat(labels)
+        metrics = topk_accuracy(logits, labels_all, ks=(1, 5))
+        # mean per-class recall (balanced accuracy), classes absent from the labels left out
+        metrics["mean_per_class_recall"] = multiclass_recall(
+            logits.argmax(1), labels_all, num_classes=logits.shape[1], average="macro"
+        ).item()
+        return metrics
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

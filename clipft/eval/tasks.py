@@ -6,13 +6,27 @@ import functools
 from typing import Any, Callable, Optional
 
 import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from clipft.config import ZeroShotTaskConfig
 from clipft.data import synthetic
 from clipft.data.datamodule import SyntheticFetch, TableFetch, TransformedImages
-from clipft.data.table import DataError, read_table
+from clipft.data.table import DataError, read_image_folder, read_table
 from clipft.data.transforms import array_transform
 from clipft.eval.callbacks import ZeroShotTask
+
+
+def _format_strings(templates: Any) -> tuple[str, ...]:
+    """open_clip keeps its template lists as functions of the class name."""
+    return tuple(t("{}") if callable(t) else t for t in templates)
+
+
+# Named prompt sets: one prompt, and open_clip's copies of OpenAI's public ImageNet lists.
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "single": ("a photo of a {}.",),
+    "openai_imagenet": _format_strings(OPENAI_IMAGENET_TEMPLATES),
+    "simple_imagenet": _format_strings(SIMPLE_IMAGENET_TEMPLATES),
+}
 
 
 def build_zeroshot_task(
@@ -35,7 +49,10 @@ def build_zeroshot_task(
             templates=functools.partial(synthetic.prompts, cfg.task),
             ensemble=cfg.ensemble,
         )
-    table = read_table(cfg.data or "", cfg.image_key, cfg.label_key, separator, what="label")
+    if cfg.source == "folder":
+        table = read_image_folder(cfg.data or "")
+    else:
+        table = read_table(cfg.data or "", cfg.image_key, cfg.label_key, separator, what="label")
     names = list(cfg.classnames) if cfg.classnames else sorted(set(table.texts))
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(table.texts) - set(index))
@@ -45,6 +62,6 @@ def build_zeroshot_task(
         name=cfg.name,
         dataset=TransformedImages(TableFetch(table, index), preprocess_val),
         class_names=names,
-        templates=list(cfg.templates or ["a photo of a {}."]),
+        templates=list(cfg.templates or TEMPLATE_SETS[cfg.template_set or "single"]),
         ensemble=cfg.ensemble,
     )

@@ -101,6 +101,8 @@ def test_zero_shot_callback_mean_vs_max() -> None:
     task = ZeroShotTask("swapped", Images(features, [1, 0]), ["cat", "dog"], templates, "max")
     ZeroShotCallback([task]).on_validation_epoch_end(module.trainer, module)
     assert module.logged["val/zeroshot/swapped/top1"] == 0.0
+    assert module.logged["val/zeroshot/swapped/mean_per_class_recall"] == 0.0
+    assert module.logged["val/zeroshot/animals/mean_per_class_recall"] == 1.0
 
 
 def test_run_report_writes_val_metrics(tmp_path: Path) -> None:
