@@ -17,12 +17,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 import torch
-from torchmetrics.functional.classification import multiclass_recall
 from torch.utils.data import DataLoader, Dataset
 
 from clipft.data.datamodule import collate_labelled
 from clipft.eval.metrics import (
     build_zero_shot_classifier,
+    mean_per_class_recall,
     relevance_from_pairs,
     retrieval_recall,
     topk_accuracy,
@@ -200,10 +200,7 @@ class ZeroShotCallback(L.Callback):
         logits = zero_shot_logits(torch.cat(features), classifier, task.ensemble)
         labels_all = torch.cat(labels)
         metrics = topk_accuracy(logits, labels_all, ks=(1, 5))
-        # mean per-class recall (balanced accuracy), classes absent from the labels left out
-        metrics["mean_per_class_recall"] = multiclass_recall(
-            logits.argmax(1), labels_all, num_classes=logits.shape[1], average="macro"
-        ).item()
+        metrics["mean_per_class_recall"] = mean_per_class_recall(logits, labels_all)
         return metrics
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -200,11 +200,19 @@ def evaluate(
     encode_images: Any, encode_texts: Any, subsets: dict[str, list[CompositionalItem]]
 ) -> dict[str, float]:
     """Accuracy per subset and per group. ``encode_images(paths) -> [N, D]`` and
-    ``encode_texts(strings) -> [N, D]`` return L2-normalised features."""
+    ``encode_texts(strings) -> [N, D]`` return L2-normalised features. Every distinct image
+    and text is encoded once, however many subsets use it."""
+    items = [item for subset in subsets.values() for item in subset]
+    images = list(dict.fromkeys(item.image for item in items))
+    texts = list(dict.fromkeys(t for item in items for t in (item.caption, item.negative)))
+    image_features = encode_images(images)
+    text_features = encode_texts(texts)
+    image_row = {path: i for i, path in enumerate(images)}
+    text_row = {text: i for i, text in enumerate(texts)}
     per_subset = {}
-    for subset, items in subsets.items():
-        image = encode_images([i.image for i in items])
-        positive = encode_texts([i.caption for i in items])
-        negative = encode_texts([i.negative for i in items])
+    for subset, members in subsets.items():
+        image = image_features[[image_row[i.image] for i in members]]
+        positive = text_features[[text_row[i.caption] for i in members]]
+        negative = text_features[[text_row[i.negative] for i in members]]
         per_subset[subset] = pair_accuracy(image, positive, negative)
     return {**per_subset, **group_averages(per_subset)}

@@ -422,3 +422,15 @@ def build_zero_shot_classifier(
         chunks.append(features)
     embeddings = torch.cat(chunks)
     return embeddings.reshape(len(class_names), n_templates, embeddings.shape[-1])
+
+
+def mean_per_class_recall(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 recall of each class that has at least one sample, averaged over those classes
+    (balanced accuracy). Classes that are only predicted, never true, are left out: their
+    recall is undefined, and counting them as 0 would punish a task whose label set is a
+    subset of the classifier's classes."""
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    predictions = logits.argmax(dim=1)
+    recalls = [(predictions[labels == c] == c).double().mean() for c in labels.unique()]
+    return torch.stack(recalls).mean().item()

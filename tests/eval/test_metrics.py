@@ -368,3 +368,12 @@ def test_build_classifier_errors() -> None:
     with pytest.raises(ValueError, match="'dog'"):
         build_zero_shot_classifier(encoder, ["cat", "dog"], uneven)
     assert encoder.batches == []  # validation happens before any encoding
+
+
+def test_mean_per_class_recall() -> None:
+    from clipft.eval.metrics import mean_per_class_recall
+
+    # 3 classes; class 0: 3 of 3 right, class 1: 0 of 1 right (predicted 2); class 2 never true
+    logits = torch.tensor([[9.0, 0, 0], [9, 0, 0], [9, 0, 0], [0, 0, 9]])
+    labels = torch.tensor([0, 0, 0, 1])
+    assert mean_per_class_recall(logits, labels) == 0.5  # top-1 accuracy would be 0.75
