@@ -116,7 +116,7 @@ def _print_report(report: dict) -> None:
     for key in ("steps", "train_time_s", "steps_per_s", "best_checkpoint", "last_checkpoint"):
         if report.get(key) is not None:
             print(f"{key}: {report[key]}")
-    shown = {k: v for k, v in metrics.items() if not k.endswith(("n_images", "n_texts"))}
+    shown = {k: v for k, v in metrics.items() if not k.endswith(("n_images", "n_texts", "n_pairs"))}
     if shown:
         width = max(map(len, shown))
         print("final validation:")

@@ -488,6 +488,11 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
             raise ConfigError(f"eval.zeroshot[{i}]: give templates or template_set, not both")
     if cfg.eval.compositional.source == "folder" and not cfg.eval.compositional.path:
         raise ConfigError("eval.compositional.path: the folder of <subset>.json files is required for source=folder")
+    if cfg.data.source == "csv" and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):
+        raise ConfigError(
+            "eval.zeroshot / eval.compositional run in the validation loop, which needs validation pairs: "
+            "set data.val (a table like data.train)"
+        )
     if cfg.run.monitor.startswith("val/") and cfg.data.source == "csv" and not cfg.data.val:
         raise ConfigError(
             f"run.monitor={cfg.run.monitor} needs validation data: set data.val (a table like data.train), "

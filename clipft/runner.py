@@ -63,7 +63,11 @@ def apply_threads(cfg: RunConfig) -> int:
 def _checkpoint_step(ckpt: Optional[Path]) -> Optional[int]:
     if ckpt is None:
         return None
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    if Path(ckpt).suffix == ".safetensors":
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return int(step) if step is not None else None
 
 
 def _last_ckpt(run_dir: Path) -> Path:
@@ -222,6 +226,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
             "model": cfg.model.name,
             "parameters": count_parameters(bundle.model),
             "data": datamodule.summary(),
+            "val_batch_size": cfg.data.val_batch_size or cfg.data.batch_size,
         },
     )
     ckpt_dir = run_dir / "checkpoints"
@@ -272,6 +277,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     )
     if resume_ckpt is None:  # a resumed run may count epochs differently (mid-epoch restart)
         _bound_epochs_by_steps(trainer, cfg, datamodule)
+    report.extra["world_size"] = trainer.world_size
     return Run(cfg, run_dir, bundle, datamodule, method, trainer, report, resume_from=resume_ckpt)
 
 
@@ -338,11 +344,13 @@ def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
         load_pretrained_file(run.method.model, ckpt)  # names missing / mismatched keys
         step = _checkpoint_step(Path(ckpt))
         run.report.extra.update(checkpoint=str(ckpt), checkpoint_step=step)
-        label = f"checkpoint, step {step}"
+        label = f"checkpoint, step {step}" if step is not None else "checkpoint"
     for callback in run.trainer.callbacks:
         if isinstance(callback, GapCallback):
             callback.label = label
     run.trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
+    run.report.extra.pop("epoch", None)
+    run.report.extra["global_step"] = run.report.extra.get("checkpoint_step") or 0  # the model's, not this run's
     run.report.write(run.trainer)
     return {**run.report.extra, "metrics": run.report.metrics}
 

@@ -126,10 +126,13 @@ class GapCallback(L.Callback):
     logged as ``val/gap/<metric>``, and a 2-D PCA picture of both modalities saved as
     ``plot_path`` (rank 0) at the end of every validation."""
 
-    def __init__(self, features: ValidationFeatures, plot_path: Optional[Path] = None, seed: int = 0) -> None:
+    def __init__(
+        self, features: ValidationFeatures, plot_path: Optional[Path] = None, seed: int = 0, max_images: int = 5000
+    ) -> None:
         self.features = features
         self.plot_path = plot_path
         self.seed = seed
+        self.max_images = max_images
         self.label: Optional[str] = None  # plot title prefix; default "step <global step>"
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -139,10 +142,22 @@ class GapCallback(L.Callback):
         pairs = self.features.get(pl_module)
         if pairs is None or len(pairs.captions) < 4:
             return
-        # one row per distinct (image, caption) pair: DDP pads ranks with repeated samples
-        keep = list({(i, c): n for n, (i, c) in enumerate(zip(pairs.image_ids, pairs.captions))}.values())
-        image, text = pairs.image[keep].cpu(), pairs.text[keep].cpu()
-        metrics = modality_gap_metrics(image, text, seed=self.seed)
+        # one row per distinct (image, caption) pair (DDP pads ranks with repeated samples),
+        # sorted, so the numbers do not depend on how ranks interleaved the rows; capped by a
+        # seeded sample of images (the metrics cost O(N²))
+        distinct = {(i, c): n for n, (i, c) in enumerate(zip(pairs.image_ids, pairs.captions))}
+        keys = sorted(distinct)
+        image_ids = sorted({i for i, _ in keys})
+        if len(image_ids) > self.max_images:
+            pick = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(self.seed))
+            chosen = {image_ids[k] for k in pick[: self.max_images].tolist()}
+            keys = [k for k in keys if k[0] in chosen]
+        rows = [distinct[k] for k in keys]
+        group_of = {i: g for g, i in enumerate(sorted({i for i, _ in keys}))}
+        groups = torch.tensor([group_of[i] for i, _ in keys])
+        image, text = pairs.image[rows].cpu(), pairs.text[rows].cpu()
+        metrics = modality_gap_metrics(image, text, seed=self.seed, groups=groups)
+        metrics["n_pairs"], metrics["n_images"] = float(len(rows)), float(len(group_of))
         for key, value in metrics.items():
             pl_module.log(f"val/gap/{key}", value, sync_dist=False, rank_zero_only=False)
         if self.plot_path is not None and trainer.is_global_zero and not trainer.sanity_checking:

@@ -23,7 +23,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clipft.data.synthetic import COLOURS, RELATIONS, SHAPES, SIZES, Scene, SceneObject, SyntheticScenes
+from clipft.data.synthetic import (
+    COLOURS,
+    HELD_OUT_COMBOS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneObject,
+    SyntheticScenes,
+)
+
+# Bump when the generated items change, so cached folders are rewritten.
+BENCHMARK_VERSION = 2
 
 SUBSETS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
 GROUPS = {
@@ -101,6 +113,10 @@ def group_averages(per_subset: dict[str, float]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- synthetic
 
 
+def _seen(colour: str, shape: str) -> bool:
+    return (colour, shape) not in HELD_OUT_COMBOS
+
+
 def _negatives(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
     """Exact hard negatives of a scene's caption, one per subset that applies (types that do
     not apply to the scene are left out, not faked)."""
@@ -112,8 +128,14 @@ def _negatives(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
 
     which = int(rng.integers(len(objs)))
     target = objs[which]
-    other_shapes = [s for s in SHAPES if s != target.shape and all(o.shape != s for o in objs)]
-    other_colours = [c for c in COLOURS if c != target.colour and all(o.colour != c for o in objs)]
+    # negatives name only (colour, shape) combinations seen in training, so that an item tests
+    # the composition, not the novelty of a combination
+    other_shapes = [
+        s for s in SHAPES if all(o.shape != s for o in objs) and (target.colour, s) not in HELD_OUT_COMBOS
+    ]
+    other_colours = [
+        c for c in COLOURS if all(o.colour != c for o in objs) and (c, target.shape) not in HELD_OUT_COMBOS
+    ]
 
     def replaced(obj: SceneObject) -> tuple[SceneObject, ...]:
         return tuple(obj if i == which else o for i, o in enumerate(objs))
@@ -127,21 +149,21 @@ def _negatives(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
     if len(objs) == 2:
         a, b = objs
         out["replace_rel"] = caption(objs, _OPPOSITE[scene.relation])  # type: ignore[index]
-        if a.shape != b.shape:
+        if a.shape != b.shape and _seen(a.colour, b.shape) and _seen(b.colour, a.shape):
             out["swap_obj"] = caption(
                 (SceneObject(b.shape, a.colour, a.size), SceneObject(a.shape, b.colour, b.size)), scene.relation
             )
-        if a.colour != b.colour:
+        if a.colour != b.colour and _seen(b.colour, a.shape) and _seen(a.colour, b.shape):
             out["swap_att"] = caption(
                 (SceneObject(a.shape, b.colour, a.size), SceneObject(b.shape, a.colour, b.size)), scene.relation
             )
     else:
         (a,) = objs
-        extra = SceneObject(
-            str(rng.choice([s for s in SHAPES if s != a.shape])),
-            str(rng.choice([c for c in COLOURS if c != a.colour])),
-            str(rng.choice(SIZES)),
-        )
+        extras = [
+            (c, s) for c in COLOURS for s in SHAPES if c != a.colour and s != a.shape and _seen(c, s)
+        ]
+        colour, shape = extras[int(rng.integers(len(extras)))]
+        extra = SceneObject(shape, colour, str(rng.choice(SIZES)))
         out["add_obj"] = caption((a, extra), str(rng.choice(RELATIONS)))
         # add_att: the positive leaves the size out; the negative adds the wrong size
         wrong = [s for s in SIZES if s != a.size][0]
@@ -173,7 +195,7 @@ def write_synthetic_benchmark(
     from PIL import Image
 
     folder = Path(folder)
-    stamp = {"size": size, "seed": seed, "image_size": image_size, "split": split}
+    stamp = {"version": BENCHMARK_VERSION, "size": size, "seed": seed, "image_size": image_size, "split": split}
     marker = folder / "synthetic.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return folder
@@ -189,10 +211,12 @@ def write_synthetic_benchmark(
         by_subset[item["subset"]][str(n)] = {
             "filename": filename, "caption": item["caption"], "negative_caption": item["negative_caption"],
         }
+    from clipft.eval.callbacks import write_text_atomic
+
     for subset, data in by_subset.items():
         if data:
-            (folder / f"{subset}.json").write_text(json.dumps(data, indent=1))
-    marker.write_text(json.dumps(stamp))
+            write_text_atomic(folder / f"{subset}.json", json.dumps(data, indent=1))
+    write_text_atomic(marker, json.dumps(stamp))  # last: marks the folder complete
     return folder
 
 

@@ -7,7 +7,8 @@ each is a pair, and return plain floats. Formulas (../shared/research/methods.md
 - centroid MSE ‖Δ‖²/D (the CLIP-Refine code's number; a different quantity, named apart);
 - mean pair distance mean_i ‖v̂_i − t̂_i‖ (CLIP-Refine's "feature gap");
 - linear separability: accuracy of a logistic regression telling image from text embeddings,
-  trained on 80 % of the pairs and scored on the other 20 % (0.5 inseparable, 1.0 separable);
+  trained on 80 % of the pairs and scored on the other 20 % (0.5 inseparable, 1.0 separable),
+  averaged over 5 such splits;
 - alignment E‖f(x) − f(y)‖^α over pairs, α = 2, and uniformity
   log E exp(−t‖f(x) − f(y)‖²) over distinct pairs i < j, t = 2 (Wang & Isola, ICML 2020);
 - relative alignment mean_i(‖t̂_i − v̂_i‖² − min_{j≠i} ‖t̂_i − v̂_j‖²) (m²-mix, Oh et al. 2023).
@@ -16,6 +17,7 @@ each is a pair, and return plain floats. Formulas (../shared/research/methods.md
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -53,47 +55,69 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> float:
     return (x.double() - y.double()).norm(dim=1).pow(alpha).mean().item()
 
 
-def uniformity(x: Tensor, t: float = 2.0) -> float:
-    """Wang & Isola's uniformity: log mean_{i<j} exp(−t‖x_i − x_j‖²) (lower is more uniform)."""
+def uniformity(x: Tensor, t: float = 2.0, chunk_size: int = 2048) -> float:
+    """Wang & Isola's uniformity: log mean_{i<j} exp(−t‖x_i − x_j‖²) (lower is more uniform).
+    Computed in row blocks with a running log-sum-exp, so memory stays O(chunk_size · N)."""
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"need at least 2 feature rows [N, D], got {tuple(x.shape)}")
-    sq = torch.pdist(x.double()).square()
-    # log-mean-exp, stable for large t·distances
-    return (torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())).item()
+    x = x.double()
+    n = x.shape[0]
+    partial = []
+    for start in range(0, n - 1, chunk_size):
+        rows = x[start : start + chunk_size]
+        sq = torch.cdist(rows, x[start + 1 :]).square()  # row i against columns > i
+        i = torch.arange(rows.shape[0]).unsqueeze(1)
+        j = torch.arange(sq.shape[1]).unsqueeze(0)
+        upper = j >= i  # column start+1+j > row start+i
+        partial.append(torch.logsumexp((-t * sq).masked_fill(~upper, float("-inf")).flatten(), dim=0))
+    return (torch.logsumexp(torch.stack(partial), dim=0) - math.log(n * (n - 1) / 2)).item()
 
 
-def relative_alignment(image: Tensor, text: Tensor) -> float:
-    """m²-mix's relative alignment: mean_i(‖t̂_i − v̂_i‖² − min_{j≠i} ‖t̂_i − v̂_j‖²).
-    Negative when every text is closer to its own image than to any other image."""
+def relative_alignment(image: Tensor, text: Tensor, groups: Optional[Tensor] = None, chunk_size: int = 2048) -> float:
+    """m²-mix's relative alignment: mean_i(‖t̂_i − v̂_i‖² − min_{j: other image} ‖t̂_i − v̂_j‖²).
+    Negative when every text is closer to its own image than to any other image. ``groups``
+    gives each row's image id (several captions per image): rows of the same image are not
+    "other images"."""
     _check_pairs(image, text)
-    d2 = torch.cdist(text.double(), image.double()).square()
-    own = d2.diagonal()
-    others = d2 + torch.diag(torch.full_like(own, float("inf")))
-    return (own - others.min(dim=1).values).mean().item()
+    groups = torch.arange(image.shape[0]) if groups is None else groups
+    image, text = image.double(), text.double()
+    terms = []
+    for start in range(0, text.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        d2 = torch.cdist(text[rows], image).square()
+        own = (text[rows] - image[rows]).square().sum(1)
+        same = groups[rows].unsqueeze(1) == groups.unsqueeze(0)
+        terms.append(own - d2.masked_fill(same, float("inf")).min(dim=1).values)
+    return torch.cat(terms).mean().item()
 
 
 def linear_separability(
-    image: Tensor, text: Tensor, seed: int = 0, train_fraction: float = 0.8, l2: float = 1.0, max_iter: int = 100
+    image: Tensor, text: Tensor, seed: int = 0, folds: int = 5, l2: float = 1.0, max_iter: int = 100
 ) -> float:
-    """Test accuracy of a logistic regression (image = 0, text = 1) trained on a seeded
-    ``train_fraction`` of the pairs and scored on the rest; L2 penalty ``l2``·½‖w‖² on the
-    summed log-loss, i.e. scikit-learn's default C = 1. Fitted with L-BFGS in float64."""
+    """Accuracy of a logistic regression (image = 0, text = 1) on held-out pairs: the pairs are
+    split into ``folds`` seeded parts; each fit sees 80 % of the pairs (at folds=5) and is
+    scored on the rest; the result is the mean over folds. L2 penalty ``l2``·½‖w‖² on the
+    summed log-loss, i.e. scikit-learn's default C = 1; L-BFGS in float64. Pass one pair per
+    image, so that no image is on both sides of a split."""
     _check_pairs(image, text)
     n = image.shape[0]
+    folds = max(2, min(folds, n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train = min(n - 1, max(1, int(round(train_fraction * n))))
-    train, test = order[:n_train], order[n_train:]
 
     def stack(rows: Tensor) -> tuple[Tensor, Tensor]:
         x = torch.cat([image[rows], text[rows]]).double().cpu()
         y = torch.cat([torch.zeros(len(rows)), torch.ones(len(rows))]).double()
         return x, y
 
+    scores = []
     # Validation runs under torch.inference_mode; the fit needs autograd on ordinary tensors.
     with torch.inference_mode(False), torch.enable_grad():
-        x_train, y_train = (t.clone() for t in stack(train))
-        x_test, y_test = stack(test)
-        return _fit_logistic(x_train, y_train, x_test, y_test, l2, max_iter)
+        for part in order.chunk(folds):
+            train = order[~torch.isin(order, part)]
+            x_train, y_train = (t.clone() for t in stack(train))
+            x_test, y_test = stack(part)
+            scores.append(_fit_logistic(x_train, y_train, x_test, y_test, l2, max_iter))
+    return sum(scores) / len(scores)
 
 
 def _fit_logistic(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, l2: float, max_iter: int) -> float:
@@ -121,16 +145,22 @@ GAP_METRICS = (
 )
 
 
-def modality_gap_metrics(image: Tensor, text: Tensor, seed: int = 0) -> dict[str, float]:
-    """Every metric above, with uniformity on images, texts and their union."""
+def modality_gap_metrics(image: Tensor, text: Tensor, seed: int = 0, groups: Optional[Tensor] = None) -> dict[str, float]:
+    """Every metric above, with uniformity on images, texts and their union. ``groups`` gives
+    each pair's image id when an image has several captions: image uniformity and the
+    separability split then use each image once."""
+    if groups is None:
+        groups = torch.arange(image.shape[0])
+    first = torch.tensor(sorted({int(g): i for i, g in reversed(list(enumerate(groups.tolist())))}.values()))
+    images = image[first]  # each image once
     return {
         "centroid_distance": centroid_distance(image, text),
         "centroid_mse": centroid_mse(image, text),
         "mean_pair_distance": mean_pair_distance(image, text),
-        "linear_separability": linear_separability(image, text, seed=seed),
+        "linear_separability": linear_separability(images, text[first], seed=seed),
         "alignment": alignment(image, text),
-        "uniformity_image": uniformity(image),
+        "uniformity_image": uniformity(images),
         "uniformity_text": uniformity(text),
-        "uniformity_union": uniformity(torch.cat([image, text])),
-        "relative_alignment": relative_alignment(image, text),
+        "uniformity_union": uniformity(torch.cat([images, text])),
+        "relative_alignment": relative_alignment(image, text, groups),
     }

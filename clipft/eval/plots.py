@@ -34,7 +34,7 @@ def plot_training_curves(metrics_csv: Path, out_png: Path, title: Optional[str] 
         return None
     series = read_metrics_csv(metrics_csv)
     train = {k: v for k, v in series.items() if k.startswith("train/") and k != "train/logit_scale"}
-    val = {k: v for k, v in series.items() if k.startswith("val/") and not k.endswith(("n_images", "n_texts"))}
+    val = {k: v for k, v in series.items() if k.startswith("val/") and not k.endswith(("n_images", "n_texts", "n_pairs"))}
     if not train and not val:
         return None
     import matplotlib

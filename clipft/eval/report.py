@@ -38,7 +38,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += [f"- {k}: {v}" for k, v in facts if v is not None]
     if "val/loss" in metrics:
-        lines.append(f"- validation loss: {metrics['val/loss']:.4f}")
+        world = report.get("world_size", 1)
+        lines.append(
+            f"- validation loss: {metrics['val/loss']:.4f} (mean over batches of {report.get('val_batch_size', '?')} "
+            f"pairs on each of {world} device{'s' if world != 1 else ''}: it depends on both)"
+        )
     lines.append("")
     for section, title in _SECTIONS:
         rows = {k[len(f"val/{section}/"):]: v for k, v in metrics.items() if k.startswith(f"val/{section}/")}
@@ -65,8 +69,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [f"| {k} | {_fmt(rows[k])} |" for k in sorted(subsets)]
             lines += [f"| **{k}** | **{_fmt(rows[k])}** |" for k in ("REPLACE", "SWAP", "ADD") if k in groups]
         else:
+            counts = {k: rows.pop(k) for k in ("n_pairs", "n_images") if k in rows}
             lines += ["| metric | value | meaning |", "|---|---|---|"]
             lines += [f"| {k} | {_fmt(v)} | {_GAP_NOTES.get(k, '')} |" for k, v in rows.items()]
+            if counts:
+                lines += ["", f"On {int(counts.get('n_pairs', 0))} validation pairs of {int(counts.get('n_images', 0))} images."]
             lines += ["", "![modality gap](gap.png)"]
         lines.append("")
     if report.get("train_time_s") is not None:

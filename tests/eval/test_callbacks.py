@@ -134,3 +134,23 @@ def test_gap_callback_shares_features_and_plots(tmp_path: Path) -> None:
     assert module.logged["val/gap/linear_separability"] == 1.0  # two far-apart clusters
     assert (tmp_path / "gap.png").stat().st_size > 10_000
     assert features.get(module) is features.get(module)  # gathered once, shared
+
+
+def test_gap_callback_ignores_row_order() -> None:
+    """DDP interleaves rows differently from one process: the metrics must not change."""
+    g = torch.Generator().manual_seed(1)
+    image = F.normalize(torch.randn(60, 8, generator=g), dim=1)
+    text = F.normalize(image + 0.8 * torch.randn(60, 8, generator=g), dim=1)
+    results = []
+    for order in (torch.arange(60), torch.randperm(60, generator=torch.Generator().manual_seed(2))):
+        module = FakeModule([])
+        features = ValidationFeatures()
+        batch = Batch(image[order], torch.zeros(60, 1), [f"c{i}" for i in order.tolist()], [str(i) for i in order.tolist()])
+        features.on_validation_epoch_start(module.trainer, module)
+        features.on_validation_batch_end(
+            module.trainer, module, {"image_features": image[order], "text_features": text[order]}, batch, 0
+        )
+        GapCallback(features).on_validation_epoch_end(module.trainer, module)
+        results.append({k: v for k, v in module.logged.items() if k.startswith("val/gap/")})
+    assert results[0] == pytest.approx(results[1], rel=1e-9)
+    assert results[0]["val/gap/n_pairs"] == 60

@@ -84,3 +84,28 @@ def test_all_metrics_and_errors() -> None:
     assert metrics["centroid_mse"] == pytest.approx(metrics["centroid_distance"] ** 2 / 8)
     with pytest.raises(ValueError, match="equal shape"):
         centroid_distance(image, text[:3])
+
+
+def test_chunked_uniformity_and_relative_alignment_equal_direct() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(57, 6, generator=g, dtype=torch.float64), dim=1)
+    y = F.normalize(torch.randn(57, 6, generator=g, dtype=torch.float64), dim=1)
+    direct = torch.log(torch.exp(-2 * torch.pdist(x).square()).mean()).item()
+    assert uniformity(x, chunk_size=5) == pytest.approx(direct, rel=1e-10)
+    assert uniformity(x, chunk_size=1000) == pytest.approx(direct, rel=1e-10)
+    assert relative_alignment(x, y, chunk_size=4) == pytest.approx(relative_alignment(x, y), rel=1e-12)
+
+
+def test_several_captions_per_image() -> None:
+    """5 captions per image (COCO protocol): the other captions of one's own image are not
+    'other images', and each image counts once in its uniformity."""
+    g = torch.Generator().manual_seed(4)
+    images = F.normalize(torch.randn(30, 16, generator=g, dtype=torch.float64), dim=1)
+    image = images.repeat_interleave(5, dim=0)
+    text = F.normalize(image + 0.05 * torch.randn(150, 16, generator=g, dtype=torch.float64), dim=1)
+    groups = torch.arange(30).repeat_interleave(5)
+    assert relative_alignment(image, text, groups) < -0.5  # every text nearest its own image
+    assert relative_alignment(image, text) >= 0  # without groups, a duplicate counts as "other"
+    metrics = modality_gap_metrics(image, text, groups=groups)
+    assert metrics["uniformity_image"] == pytest.approx(uniformity(images))
+
