@@ -65,6 +65,9 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
     grad_checkpointing: bool = False
+    # A fully locked Hugging Face text tower (e.g. clipft-lit-minilm): compute each caption's
+    # pooled output once and reuse it (only the projection runs each step).
+    cache_locked_text: bool = True
     cache_dir: Optional[str] = None  # where open_clip keeps downloaded weights
 
 

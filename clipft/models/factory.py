@@ -17,6 +17,7 @@ from torch import nn
 
 from clipft.config import ModelConfig
 from clipft.models.minilm import INSTALL_HINT, MINILM_MODEL, register_minilm
+from clipft.models.text_cache import cache_locked_text_tower
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -123,6 +124,8 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
         )
         if cfg.lock_text_unlocked_layers == 0:  # dropout off in the frozen tower, always
             keep_in_eval(model.text.transformer if hasattr(model, "text") else model.transformer)
+            if cfg.cache_locked_text and hasattr(getattr(model, "text", None), "pooler"):
+                cache_locked_text_tower(model.text)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(cfg.name, cache_dir=cfg.cache_dir)

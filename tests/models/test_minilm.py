@@ -46,10 +46,11 @@ def test_locked_tower_stays_in_eval_and_trains_only_the_projection(locked) -> No
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith("text.transformer.") for n in trainable)
     assert any(n.startswith("text.proj.") for n in trainable) and "logit_scale" in trainable
-    # dropout off: two forward passes in train mode give identical text features
+    # dropout off: two passes of the transformer itself in train mode agree exactly
     tokens = locked.tokenizer(["an emoji of a cat"])
     with torch.no_grad():
-        assert torch.equal(model.encode_text(tokens), model.encode_text(tokens))
+        run = lambda: model.text.transformer(input_ids=tokens, attention_mask=(tokens != 0).long()).last_hidden_state  # noqa: E731
+        assert torch.equal(run(), run())
 
 
 def test_partial_unlocking_trains_exactly_the_last_layers() -> None:
@@ -72,3 +73,24 @@ def test_checkpoint_reloads_and_path_is_not_shipped(locked, tmp_path: Path) -> N
     for shipped in [*CONFIG_DIR.glob("*.json"), *(ROOT / "recipes").glob("*.yaml"), *(ROOT / "configs").rglob("*.yaml")]:
         assert "site-packages" not in shipped.read_text(), shipped
     assert load_config(None, ["model.name=clipft-lit-minilm"]).model.name == "clipft-lit-minilm"
+
+
+def test_cached_text_features_equal_the_live_path() -> None:
+    cached = build_model(ModelConfig(name="clipft-lit-minilm", lock_text=True))
+    live = build_model(ModelConfig(name="clipft-lit-minilm", lock_text=True, cache_locked_text=False))
+    live.model.load_state_dict(cached.model.state_dict())  # same projection weights
+    cache = cached.model.text.clipft_text_cache
+    captions = ["an emoji of a cat", "a smiling face", "an emoji of a cat", "a red heart"]
+    tokens = cached.tokenizer(captions)
+    cached.model.train()
+    live.model.train()
+    first = cached.model.encode_text(tokens)
+    assert cache.computed == 3 and len(cache) == 3  # the repeated caption is computed once
+    again = cached.model.encode_text(tokens)
+    assert cache.computed == 3  # nothing recomputed
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.testing.assert_close(first, live.model.encode_text(tokens), rtol=0, atol=1e-5)
+    # the projection still trains through the cache
+    first.sum().backward()
+    assert cached.model.text.proj[0].weight.grad is not None
+    assert "clipft_text_cache" not in str(list(cached.model.state_dict()))  # open_clip's keys only
