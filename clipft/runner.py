@@ -37,6 +37,8 @@ RUN_DIR_ENV = "CLIPFT_RUN_DIR"
 
 # Lightning notices that are irrelevant for clipft runs (a resumed run reuses its folder).
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# a locked tower is in eval mode on purpose (dropout off)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 def lightning_precision(name: str) -> str:
