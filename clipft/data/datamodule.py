@@ -122,7 +122,11 @@ class ImageTextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.preprocess_train = preprocess_train if cfg.train_transform == "train" else preprocess_val
+        self.preprocess_train = {
+            "train": preprocess_train,
+            "val": preprocess_val,
+            "scale_shift": scale_shift(preprocess_val, cfg.pad_fill),
+        }[cfg.train_transform]
         self.preprocess_val = preprocess_val
         self.collate = CollatePairs(tokenizer)
         self.seed = seed
@@ -198,6 +202,14 @@ class ImageTextDataModule(L.LightningDataModule):
         size = self.cfg.val_batch_size or self.cfg.batch_size
         transform = self._transform(self.val_fetch, self.preprocess_val)
         return self._loader(TransformedImages(self.val_fetch, transform), size, False)
+
+
+def scale_shift(preprocess: Callable[[Any], torch.Tensor], fill: int = 0) -> Callable[[Any], torch.Tensor]:
+    """Light geometric augmentation for images whose orientation and colours carry meaning
+    (arrows, flags, emoji): random scale 0.85-1.1 and shift up to 8 %, then ``preprocess``."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomAffine(degrees=0, translate=(0.08, 0.08), scale=(0.85, 1.1), fill=fill), preprocess])
 
 
 def _seed_worker(worker_id: int) -> None:

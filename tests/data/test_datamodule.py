@@ -80,3 +80,19 @@ def test_csv_source_and_zero_shot_table(tmp_path: Path, bundle) -> None:
     )
     assert task.class_names == ["bright", "dark"]
     assert len(task.dataset) == 4 and [task.dataset[i][1] for i in range(4)] == [1, 1, 0, 0]
+
+
+def test_scale_shift_augmentation(bundle) -> None:
+    from clipft.data.datamodule import scale_shift
+
+    torch.manual_seed(0)
+    transform = scale_shift(bundle.preprocess_val, fill=255)
+    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))  # black square on a white border
+    outputs = [transform(image) for _ in range(4)]
+    assert all(o.shape == (3, 32, 32) for o in outputs)
+    assert not all(torch.equal(outputs[0], o) for o in outputs[1:])  # random
+    white = bundle.preprocess_val(Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8)))[:, 0, 0]
+    assert any(torch.allclose(o[:, 0, 0], white, atol=1e-4) or torch.allclose(o[:, -1, -1], white, atol=1e-4) for o in outputs)
+    cfg = load_config(None, ["data.train_transform=scale_shift", "data.pad_fill=255"])
+    dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
+    assert dm.preprocess_train.transforms[-1] is bundle.preprocess_val
