@@ -320,10 +320,6 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"could not parse overrides {overrides}: {err}") from err
 
 
-def _dataclass_for(node: Any) -> Any:
-    return node if dataclasses.is_dataclass(node) else None
-
-
 def _check_keys(data: Any, schema: Any, prefix: str, source: str) -> None:
     """Walk a user mapping against the schema dataclass; name unknown keys with the nearest
     valid ones (OmegaConf's own message gives neither the file nor suggestions)."""
@@ -391,9 +387,8 @@ def _apply_override(cfg: DictConfig, schema: Any, item: str) -> None:
     key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
     source = "command-line override"
     _check_path(key, schema, source)
-    nested = OmegaConf.from_dotlist([item]) if "[" not in key and not any(p.isdigit() for p in key.split(".")) else None
-    if nested is not None:
-        _check_keys(nested, schema, "", source)  # keys inside a mapping or list value
+    if not any(part.isdigit() for part in key.split(".")):  # keys inside a mapping or list value
+        _check_keys(OmegaConf.from_dotlist([item]), schema, "", source)
     try:
         value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
         OmegaConf.update(cfg, key, value, merge=True)

@@ -121,9 +121,9 @@ def _write_config(run_dir: Path, cfg: RunConfig, resumed: bool) -> None:
     (run_dir / "config.resumed.yaml").write_text(text)
     from omegaconf import OmegaConf
 
-    before = OmegaConf.to_container(OmegaConf.load(original))
-    after = to_dict(cfg)
-    changed = sorted(k for k in _flatten(after) if _flatten(after)[k] != _flatten(before).get(k) and k != "run.resume")
+    before = _flatten(OmegaConf.to_container(OmegaConf.load(original)))
+    after = _flatten(to_dict(cfg))
+    changed = sorted(k for k, v in after.items() if v != before.get(k) and k != "run.resume")
     if changed:
         log.warning("resuming with a changed config (see config.resumed.yaml): %s", ", ".join(changed))
 
@@ -168,6 +168,7 @@ class Run:
     trainer: L.Trainer
     report: RunReport
     resume_from: Optional[Path] = None
+    resume_step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -218,6 +219,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     if stage == "fit":
         check_monitor(cfg, method)
 
+    resume_step = _checkpoint_step(resume_ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg, resumed=resume_ckpt is not None)
     report = RunReport(
@@ -271,7 +273,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
-        logger=ContinuingCSVLogger(str(run_dir), keep_until_step=_checkpoint_step(resume_ckpt)),
+        logger=ContinuingCSVLogger(str(run_dir), keep_until_step=resume_step),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         enable_model_summary=False,
@@ -280,7 +282,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     if resume_ckpt is None:  # a resumed run may count epochs differently (mid-epoch restart)
         _bound_epochs_by_steps(trainer, cfg, datamodule)
     report.extra["world_size"] = trainer.world_size
-    return Run(cfg, run_dir, bundle, datamodule, method, trainer, report, resume_from=resume_ckpt)
+    return Run(cfg, run_dir, bundle, datamodule, method, trainer, report, resume_from=resume_ckpt, resume_step=resume_step or 0)
 
 
 def _bound_epochs_by_steps(trainer: L.Trainer, cfg: RunConfig, datamodule: ImageTextDataModule) -> None:
@@ -306,10 +308,9 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     run = build_run(cfg, "fit")
     trainer = run.trainer
     start = time.perf_counter()
-    step_at_start = 0
+    step_at_start = run.resume_step
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
-        step_at_start = _checkpoint_step(run.resume_from) or 0
     trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
     train_time = time.perf_counter() - start
     if run.report.extra.get("global_step") != trainer.global_step:

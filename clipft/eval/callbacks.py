@@ -8,6 +8,7 @@ validation, log, and let :class:`RunReport` write ``report.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -165,6 +166,33 @@ class GapCallback(L.Callback):
             plot_modality_gap(image, text, metrics, self.plot_path, label=label)
 
 
+class _Encoder:
+    """Encode as the validation loop does: on the module's device, under the trainer's
+    precision, L2-normalised float features; texts tokenized in batches."""
+
+    def __init__(self, pl_module: Any, batch_size: int) -> None:
+        self.module = pl_module
+        self.batch_size = batch_size
+        trainer = pl_module._trainer
+        self.precision = trainer.precision_plugin if trainer is not None else None
+
+    def context(self) -> Any:
+        return self.precision.forward_context() if self.precision is not None else contextlib.nullcontext()
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.module.device)
+        if self.precision is not None:
+            images = self.precision.convert_input(images)
+        return self.module.encode_image(images).float()
+
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.module.tokenizer(texts[start : start + self.batch_size]).to(self.module.device)
+            out.append(self.module.encode_text(tokens).float())
+        return torch.cat(out)
+
+
 @dataclass
 class ZeroShotTask:
     """Images with integer labels, class names, and the prompts of each class."""
@@ -191,27 +219,16 @@ class ZeroShotCallback(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, pl_module: Any, task: ZeroShotTask) -> dict[str, float]:
-        device = pl_module.device
-        trainer = pl_module._trainer
-        precision = trainer.precision_plugin if trainer is not None else None
-
-        def encode_text(prompts: list[str]) -> torch.Tensor:
-            tokens = pl_module.tokenizer(prompts).to(device)
-            return pl_module.encode_text(tokens).float()
-
+        encoder = _Encoder(pl_module, self.batch_size)
         loader = DataLoader(
             task.dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_labelled
         )
         features, labels = [], []
-        context = precision.forward_context() if precision is not None else torch.autocast("cpu", enabled=False)
-        with context:
-            classifier = build_zero_shot_classifier(encode_text, task.class_names, task.templates)
+        with encoder.context():
+            classifier = build_zero_shot_classifier(encoder.texts, task.class_names, task.templates)
             for images, batch_labels in loader:
-                images = images.to(device)
-                if precision is not None:
-                    images = precision.convert_input(images)
-                features.append(pl_module.encode_image(images).float())
-                labels.append(batch_labels.to(device))
+                features.append(encoder.images(images))
+                labels.append(batch_labels.to(pl_module.device))
         logits = zero_shot_logits(torch.cat(features), classifier, task.ensemble)
         labels_all = torch.cat(labels)
         metrics = topk_accuracy(logits, labels_all, ks=(1, 5))
@@ -240,30 +257,14 @@ class CompositionalCallback(L.Callback):
         from clipft.data.table import load_rgb
         from clipft.eval.compositional import evaluate
 
-        device = pl_module.device
-        trainer = pl_module._trainer
-        precision = trainer.precision_plugin if trainer is not None else None
+        encoder = _Encoder(pl_module, self.batch_size)
 
         def encode_images(paths: list[Path]) -> torch.Tensor:
-            out = []
-            for start in range(0, len(paths), self.batch_size):
-                images = torch.stack([self.preprocess(load_rgb(p)) for p in paths[start : start + self.batch_size]])
-                images = images.to(device)
-                if precision is not None:
-                    images = precision.convert_input(images)
-                out.append(pl_module.encode_image(images).float())
-            return torch.cat(out)
+            batches = [paths[i : i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
+            return torch.cat([encoder.images(torch.stack([self.preprocess(load_rgb(p)) for p in b])) for b in batches])
 
-        def encode_texts(texts: list[str]) -> torch.Tensor:
-            out = []
-            for start in range(0, len(texts), self.batch_size):
-                tokens = pl_module.tokenizer(texts[start : start + self.batch_size]).to(device)
-                out.append(pl_module.encode_text(tokens).float())
-            return torch.cat(out)
-
-        context = precision.forward_context() if precision is not None else torch.autocast("cpu", enabled=False)
-        with context:
-            return evaluate(encode_images, encode_texts, self.subsets)
+        with encoder.context():
+            return evaluate(encode_images, encoder.texts, self.subsets)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from clipft.data.synthetic import (

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 
 def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
