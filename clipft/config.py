@@ -65,6 +65,11 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
     grad_checkpointing: bool = False
+    # The temperature multiplier s = exp(logit_scale) to start from (null: the model's own,
+    # 1/0.07 for a new model), and whether it stays fixed. Real CLIP ends pre-training at
+    # s = 100; a high fixed s keeps a modality gap as large as real CLIP's (README: Models).
+    logit_scale: Optional[float] = None
+    lock_logit_scale: bool = False
     # A fully locked Hugging Face text tower (e.g. clipft-lit-minilm): compute each caption's
     # pooled output once and reuse it (only the projection runs each step).
     cache_locked_text: bool = True
@@ -414,6 +419,8 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two values in [0, 1)"),
         (cfg.optim.logit_scale_max > 0, "optim.logit_scale_max", "must be > 0"),
+        (cfg.model.logit_scale is None or 0 < cfg.model.logit_scale <= cfg.optim.logit_scale_max, "model.logit_scale",
+         "must be in (0, optim.logit_scale_max]"),
         (len(cfg.eval.retrieval.ks) > 0 and all(k > 0 for k in cfg.eval.retrieval.ks), "eval.retrieval.ks", "must be positive"),
     ]
     for i, task in enumerate(cfg.eval.zeroshot):

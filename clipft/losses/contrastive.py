@@ -70,9 +70,9 @@ def clip_contrastive_loss(
         image_features, text_features, logit_scale, all_image_features, all_text_features
     )
     targets = torch.arange(image_features.shape[0], device=image_features.device) + offset
-    return (F.cross_entropy(_upcast(logits_per_image), targets) + F.cross_entropy(_upcast(logits_per_text), targets)) / 2
+    return (F.cross_entropy(upcast(logits_per_image), targets) + F.cross_entropy(upcast(logits_per_text), targets)) / 2
 
 
-def _upcast(logits: Tensor) -> Tensor:
+def upcast(logits: Tensor) -> Tensor:
     """Softmax in at least fp32: bf16/fp16 logits (autocast) lose the loss's precision."""
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()

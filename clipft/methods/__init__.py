@@ -1,6 +1,7 @@
 """Methods: one LightningModule per file, registered under its recipe name."""
 
 from clipft.methods.base import METHODS, ContrastiveMethod, build_method, method_class, register_method
+from clipft.methods.clip_refine import ClipRefine
 from clipft.methods.finetune import Finetune
 
-__all__ = ["METHODS", "ContrastiveMethod", "Finetune", "build_method", "method_class", "register_method"]
+__all__ = ["METHODS", "ClipRefine", "ContrastiveMethod", "Finetune", "build_method", "method_class", "register_method"]

@@ -11,6 +11,7 @@ each optimizer step (as open_clip's training loop).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Optional
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict, register_method_config, to_dict
 from clipft.data.datamodule import Batch
 from clipft.losses.contrastive import clip_contrastive_loss
-from clipft.models import ModelBundle, build_model
+from clipft.models import ModelBundle, build_model, keep_in_eval
 
 METHODS: dict[str, type["ContrastiveMethod"]] = {}
 
@@ -96,6 +97,43 @@ class ContrastiveMethod(L.LightningModule):
         bundle = bundle if bundle is not None else build_model(self.cfg.model)
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer
+        self._frozen_modules: dict[str, nn.Module] = {}
+
+    # ------------------------------------------------------------------ frozen copies
+
+    def frozen_copy(self, name: str, module: nn.Module) -> nn.Module:
+        """A frozen snapshot of ``module`` (a teacher), kept as ``self.frozen_modules[name]``:
+        a deep copy without gradients, in eval mode whatever ``train()`` is called on, in no
+        parameter group and no state dict (it is not a submodule), and moved with the
+        method (device, dtype)."""
+        snapshot = copy.deepcopy(module)
+        snapshot.requires_grad_(False)
+        keep_in_eval(snapshot)
+        self._frozen_modules[name] = snapshot
+        return snapshot
+
+    @property
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return self._frozen_modules
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "ContrastiveMethod":
+        # .to(device) / .half() / .cuda() reach the frozen copies, which are not submodules.
+        super()._apply(fn, *args, **kwargs)
+        for module in getattr(self, "_frozen_modules", {}).values():
+            module._apply(fn, *args, **kwargs)
+        return self
+
+    def log_pair_geometry(self, image_features: Tensor, text_features: Tensor) -> None:
+        """Log the batch's modality gap (distance between the centroids of the unit image and
+        text embeddings) and mean distance between paired embeddings."""
+        if self._trainer is None:
+            return
+        with torch.no_grad():
+            image_unit, text_unit = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+            gap = (image_unit.mean(0) - text_unit.mean(0)).norm()
+            pair_distance = (image_unit - text_unit).norm(dim=-1).mean()
+        self.log("train/gap", gap, batch_size=len(image_features))
+        self.log("train/pair_distance", pair_distance, batch_size=len(image_features))
 
     # ------------------------------------------------------------------ features
 

@@ -12,6 +12,7 @@ from clipft.models.factory import (
     ModelError,
     build_model,
     count_parameters,
+    keep_in_eval,
     load_pretrained_file,
     read_state_dict,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ModelError",
     "build_model",
     "count_parameters",
+    "keep_in_eval",
     "load_pretrained_file",
     "read_state_dict",
 ]

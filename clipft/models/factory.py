@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 import types
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import nn
 
 from clipft.config import ModelConfig
 from clipft.models.minilm import INSTALL_HINT, MINILM_MODEL, register_minilm
+from clipft.models.shipped import shipped_tags, shipped_weights
 from clipft.models.text_cache import cache_locked_text_tower
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -76,13 +78,18 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
     tag = None
     if pretrained:
         expanded = os.path.expanduser(pretrained)
-        if os.path.isfile(expanded):
+        shipped = shipped_weights(cfg.name, pretrained)
+        if shipped is not None:
+            if not shipped.is_file():
+                raise ModelError(f"model.pretrained: the package file of tag '{pretrained}' is missing: {shipped}")
+            pretrained = str(shipped)
+        elif os.path.isfile(expanded):
             pretrained = expanded
         elif _is_tag(cfg.name, pretrained):
             tag = pretrained
         else:
             looks_like_path = any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix != ""
-            tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+            tags = shipped_tags(cfg.name) + open_clip.list_pretrained_tags_by_model(cfg.name)
             if looks_like_path:
                 raise ModelError(f"model.pretrained: file '{pretrained}' not found")
             raise ModelError(
@@ -126,6 +133,11 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
             keep_in_eval(model.text.transformer if hasattr(model, "text") else model.transformer)
             if cfg.cache_locked_text and hasattr(getattr(model, "text", None), "pooler"):
                 cache_locked_text_tower(model.text)
+    if cfg.logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.logit_scale))
+    if cfg.lock_logit_scale:
+        model.logit_scale.requires_grad_(False)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(cfg.name, cache_dir=cfg.cache_dir)

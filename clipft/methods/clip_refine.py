@@ -1,0 +1,134 @@
+"""CLIP-Refine post-pre-training (Yamaguchi et al., CVPR 2025; arXiv 2504.12717).
+
+A short continuation of a pre-trained CLIP on a small caption set that narrows the modality
+gap without losing zero-shot accuracy. Both towers train; a frozen snapshot of the starting
+model is the teacher. The loss (paper Eq. 9) is
+
+    L = λ_clip·L_CLIP + λ_rafa·L_RaFA + λ_kd·L_HyCD,
+
+with the official defaults λ_clip = 0, λ_rafa = 1, λ_kd = 1, α = 0.5 (``method.loss_weights``
+names the terms ``contrastive``, ``rafa`` and ``hycd``); see ``clipft/losses/refine.py`` for
+RaFA and HyCD. Optimizer of the official recipe: AdamW, constant lr 1e-6, weight decay 0.1,
+one epoch (``recipes/clip_refine.yaml``).
+
+Two readings of the losses exist (research notes §1.2 and §1.6), both available:
+
+* ``features: raw`` — the official code: RaFA and HyCD on the un-normalised projected
+  features, Gaussian references N(0, I), HyCD on raw dot products without the logit scale
+  (``hycd_logit_scale: false``), RaFA reduced as ``code`` (element-wise mean) or ``paper``.
+* ``features: normalized`` — unit features, references normalised onto the sphere
+  (``rafa_prior: sphere``), HyCD on the logit-scaled cosine similarities.
+
+Which one is the default, and why, is in the README (measured by ``benchmarks/clip_refine.py``).
+
+The teacher is never in the optimizer or the checkpoint's state dict: it is rebuilt from
+``model.pretrained`` when a run resumes, and stored once beside the state dict
+(``clip_refine_teacher``) only when the start cannot be rebuilt (a random initialisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clipft.config import ConfigError, MethodConfig
+from clipft.data.datamodule import Batch
+from clipft.losses.refine import RAFA_PRIORS, RAFA_REDUCTIONS, hycd, rafa, sample_references
+from clipft.methods.base import ContrastiveMethod, register_method
+from clipft.models import ModelBundle
+
+TEACHER_KEY = "clip_refine_teacher"
+
+
+@dataclass
+class ClipRefineConfig(MethodConfig):
+    name: str = "clip_refine"
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 0.0, "rafa": 1.0, "hycd": 1.0})
+    features: str = "raw"  # raw (official code) | normalized: what RaFA and HyCD see
+    rafa_prior: str = "gaussian"  # gaussian | uniform | sphere
+    rafa_mean: float = 0.0  # μ of the prior N(μ·1, σ²I)
+    rafa_std: float = 1.0  # σ
+    rafa_reduction: str = "code"  # code (element-wise mean, modalities summed) | paper (½·mean ‖·‖²)
+    hycd_alpha: float = 0.5  # weight of the ground-truth pairs in the hybrid targets
+    hycd_temperature: float = 1.0
+    hycd_logit_scale: bool = False  # multiply the similarities by the model's logit scale
+
+
+@register_method("clip_refine", ClipRefineConfig)
+class ClipRefine(ContrastiveMethod):
+    """RaFA + HyCD against a frozen teacher (see the module docstring)."""
+
+    loss_term_names = ("contrastive", "rafa", "hycd")
+
+    def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
+        super().__init__(config, bundle)
+        opts: ClipRefineConfig = self.cfg.method  # type: ignore[assignment]
+        for key, value, allowed in (
+            ("features", opts.features, ("raw", "normalized")),
+            ("rafa_prior", opts.rafa_prior, RAFA_PRIORS),
+            ("rafa_reduction", opts.rafa_reduction, RAFA_REDUCTIONS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"method.{key}={value!r} is not one of: {', '.join(allowed)}")
+        if not 0.0 <= opts.hycd_alpha <= 1.0:
+            raise ConfigError(f"method.hycd_alpha={opts.hycd_alpha} must be in [0, 1]")
+        if opts.hycd_temperature <= 0 or opts.rafa_std < 0:
+            raise ConfigError("method.hycd_temperature must be > 0 and method.rafa_std >= 0")
+        # The starting weights: the student is built from model.pretrained, so at this point it
+        # is the start (a resumed run loads its own weights into the student afterwards).
+        self.frozen_copy("teacher", self.model)
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self.frozen_modules["teacher"]
+
+    @property
+    def teacher_is_rebuildable(self) -> bool:
+        return self.cfg.model.pretrained is not None
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        opts: ClipRefineConfig = self.cfg.method  # type: ignore[assignment]
+        normalize = opts.features == "normalized"
+        image_features = self.encode_image(batch.images, normalize=normalize)
+        text_features = self.encode_text(batch.texts, normalize=normalize)
+        with torch.no_grad():
+            teacher_image = self.teacher.encode_image(batch.images, normalize=normalize)
+            teacher_text = self.teacher.encode_text(batch.texts, normalize=normalize)
+        self.log_pair_geometry(image_features, text_features)
+
+        references = sample_references(
+            *image_features.shape, prior=opts.rafa_prior, mean=opts.rafa_mean, std=opts.rafa_std,
+            device=image_features.device, dtype=torch.float32,
+        )
+        rank = self.global_rank if self._trainer is not None else 0
+        scaled = opts.hycd_logit_scale
+        distill = hycd(
+            image_features, text_features, teacher_image, teacher_text,
+            alpha=opts.hycd_alpha, temperature=opts.hycd_temperature,
+            logit_scale=self.logit_scale if scaled else None,
+            teacher_logit_scale=self.teacher.logit_scale.exp() if scaled else None,
+            all_image_features=self.gather(image_features), all_text_features=self.gather(text_features),
+            all_teacher_image_features=self.gather(teacher_image), all_teacher_text_features=self.gather(teacher_text),
+            offset=rank * image_features.shape[0],
+        )
+        unit_image = image_features if normalize else F.normalize(image_features, dim=-1)
+        unit_text = text_features if normalize else F.normalize(text_features, dim=-1)
+        return {
+            "contrastive": self.contrastive_loss(unit_image, unit_text),
+            "rafa": rafa(image_features, text_features, references, opts.rafa_reduction),
+            "hycd": distill,
+        }
+
+    # The teacher is not a submodule, so it is in no state dict; store it only when
+    # model.pretrained cannot rebuild it.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.teacher_is_rebuildable:
+            checkpoint[TEACHER_KEY] = self.teacher.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TEACHER_KEY in checkpoint:
+            self.teacher.load_state_dict(checkpoint[TEACHER_KEY])

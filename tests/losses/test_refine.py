@@ -1,0 +1,135 @@
+"""RaFA and HyCD (CLIP-Refine) against their equations, written out with explicit loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipft.losses import clip_contrastive_loss, hycd, rafa, sample_references
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_rafa_paper_reduction_is_half_mean_of_squared_distances() -> None:
+    v, t, r = randn(5, 3, seed=0), randn(5, 3, seed=1), randn(5, 3, seed=2)
+    expected = sum(
+        sum((float(v[i, d]) - float(r[i, d])) ** 2 + (float(t[i, d]) - float(r[i, d])) ** 2 for d in range(3))
+        for i in range(5)
+    ) / (2 * 5)
+    assert rafa(v, t, r, "paper").item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_rafa_code_reduction_is_summed_elementwise_means() -> None:
+    v, t, r = randn(4, 6, seed=3), randn(4, 6, seed=4), randn(4, 6, seed=5)
+    image_mse = sum((float(v[i, d]) - float(r[i, d])) ** 2 for i in range(4) for d in range(6)) / 24
+    text_mse = sum((float(t[i, d]) - float(r[i, d])) ** 2 for i in range(4) for d in range(6)) / 24
+    code = rafa(v, t, r, "code").item()
+    assert code == pytest.approx(image_mse + text_mse, rel=1e-9)
+    # The two readings differ by exactly 2/D (research notes §1.2).
+    assert code == pytest.approx(rafa(v, t, r, "paper").item() * 2 / 6, rel=1e-9)
+
+
+def test_rafa_is_zero_at_the_references_and_rejects_bad_input() -> None:
+    r = randn(3, 4, seed=6)
+    assert rafa(r, r, r).item() == 0.0
+    with pytest.raises(ValueError, match="reduction 'mean'"):
+        rafa(r, r, r, "mean")
+    with pytest.raises(ValueError, match="one shape"):
+        rafa(r, r[:2], r)
+
+
+def test_reference_priors() -> None:
+    g = torch.Generator().manual_seed(0)
+    gauss = sample_references(20000, 8, "gaussian", mean=0.5, std=2.0, generator=g)
+    assert gauss.mean().item() == pytest.approx(0.5, abs=0.05)
+    assert gauss.std().item() == pytest.approx(2.0, rel=0.02)
+    uniform = sample_references(20000, 8, "uniform", mean=0.5, std=2.0, generator=g)
+    half_width = 2.0 * math.sqrt(3.0)
+    assert uniform.min().item() >= 0.5 - half_width and uniform.max().item() <= 0.5 + half_width
+    assert uniform.std().item() == pytest.approx(2.0, rel=0.02)
+    sphere = sample_references(100, 8, "sphere", generator=g)
+    assert torch.allclose(sphere.norm(dim=1), torch.ones(100))
+    with pytest.raises(ValueError, match="prior 'normal'"):
+        sample_references(2, 2, "normal")
+
+
+def hycd_by_hand(v, t, v0, t0, alpha, temp, scale=1.0, teacher_scale=1.0) -> float:
+    """½[(1/B)Σ_i KL(ŷ_i ‖ softmax(s·v_i·tᵀ/T)) + same for texts]·T², with
+    ŷ_i = α·e_i + (1−α)·softmax(s₀·v0_i·t0ᵀ/T), each KL as Σ_j y_j (log y_j − log p_j)."""
+    n = v.shape[0]
+
+    def softmax(row):
+        m = max(row)
+        e = [math.exp(x - m) for x in row]
+        return [x / sum(e) for x in e]
+
+    def direction(a, b, a0, b0):
+        total = 0.0
+        for i in range(n):
+            p = softmax([scale * float(a[i] @ b[j]) / temp for j in range(n)])
+            q = softmax([teacher_scale * float(a0[i] @ b0[j]) / temp for j in range(n)])
+            y = [alpha * (i == j) + (1 - alpha) * q[j] for j in range(n)]
+            total += sum(y[j] * (math.log(y[j]) - math.log(p[j])) for j in range(n) if y[j] > 0)
+        return total / n
+
+    return 0.5 * (direction(v, t, v0, t0) + direction(t, v, t0, v0)) * temp**2
+
+
+@pytest.mark.parametrize("alpha,temp", [(0.5, 1.0), (0.0, 2.0), (0.3, 0.5)])
+def test_hycd_matches_equation_on_raw_features(alpha: float, temp: float) -> None:
+    v, t, v0, t0 = (randn(5, 4, seed=s) for s in range(4))
+    loss = hycd(v, t, v0, t0, alpha=alpha, temperature=temp)
+    assert loss.item() == pytest.approx(hycd_by_hand(v, t, v0, t0, alpha, temp), rel=1e-9)
+
+
+def test_hycd_with_logit_scales() -> None:
+    v, t, v0, t0 = (F.normalize(randn(6, 3, seed=s), dim=1) for s in range(4, 8))
+    loss = hycd(v, t, v0, t0, logit_scale=torch.tensor(20.0, dtype=torch.float64),
+                teacher_logit_scale=torch.tensor(50.0, dtype=torch.float64))
+    assert loss.item() == pytest.approx(hycd_by_hand(v, t, v0, t0, 0.5, 1.0, 20.0, 50.0), rel=1e-9)
+
+
+def test_hycd_alpha_one_is_the_clip_loss() -> None:
+    v, t = F.normalize(randn(7, 5, seed=8), dim=1), F.normalize(randn(7, 5, seed=9), dim=1)
+    teacher = randn(7, 5, seed=10)  # irrelevant at α = 1
+    scale = torch.tensor(14.0, dtype=torch.float64)
+    loss = hycd(v, t, teacher, teacher, alpha=1.0, logit_scale=scale)
+    assert loss.item() == pytest.approx(clip_contrastive_loss(v, t, scale).item(), rel=1e-9)
+
+
+def test_hycd_is_zero_when_the_student_is_the_teacher_and_alpha_zero() -> None:
+    v, t = randn(5, 4, seed=11), randn(5, 4, seed=12)
+    assert hycd(v, t, v, t, alpha=0.0).item() == pytest.approx(0.0, abs=1e-12)
+    assert hycd(v, t, v, t, alpha=0.5).item() > 0.01  # the ground-truth half still pulls
+
+
+def test_hycd_across_devices_equals_one_device() -> None:
+    """Two simulated ranks of 3 pairs each, with gathered features: the mean of their local
+    losses and the gradients summed over ranks equal the 6-pair loss on one device."""
+    v, t, v0, t0 = (randn(6, 4, seed=s) for s in range(13, 17))
+    v.requires_grad_(True)
+    full = hycd(v, t, v0, t0, alpha=0.4, temperature=1.5)
+    (full_grad,) = torch.autograd.grad(full, v)
+    local = [
+        hycd(v[r * 3:(r + 1) * 3], t[r * 3:(r + 1) * 3], v0[r * 3:(r + 1) * 3], t0[r * 3:(r + 1) * 3],
+             alpha=0.4, temperature=1.5, all_image_features=v, all_text_features=t,
+             all_teacher_image_features=v0, all_teacher_text_features=t0, offset=r * 3)
+        for r in range(2)
+    ]
+    mean = (local[0] + local[1]) / 2
+    (split_grad,) = torch.autograd.grad(mean, v)
+    assert mean.item() == pytest.approx(full.item(), rel=1e-12)
+    assert torch.allclose(split_grad, full_grad, atol=1e-12)
+
+
+def test_hycd_rejects_bad_options() -> None:
+    v = randn(2, 2, seed=0)
+    with pytest.raises(ValueError, match="alpha"):
+        hycd(v, v, v, v, alpha=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        hycd(v, v, v, v, temperature=0.0)

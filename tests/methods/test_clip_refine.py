@@ -1,0 +1,82 @@
+"""CLIP-Refine: the frozen teacher, the checkpoint, the options, and a short run that narrows
+the modality gap of the shipped pre-trained tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipft.cli import main
+from clipft.config import ConfigError, load_config
+from clipft.data.datamodule import Batch
+from clipft.methods import ClipRefine, build_method
+from clipft.methods.clip_refine import TEACHER_KEY
+
+RECIPE = "recipes/clip_refine.yaml"
+
+
+def _batch(method: ClipRefine, n: int = 8) -> Batch:
+    captions = [f"a {size} {colour} circle" for size in ("small", "large") for colour in ("red", "blue", "green", "cyan")][:n]
+    return Batch(torch.randn(n, 3, 32, 32), method.tokenizer(captions), captions, [str(i) for i in range(n)])
+
+
+def test_teacher_is_frozen_outside_the_optimizer_and_unchanged() -> None:
+    torch.manual_seed(0)
+    method = build_method(load_config(None, ["method.name=clip_refine", "model.pretrained=synthetic"]))
+    assert isinstance(method, ClipRefine)
+    teacher_ids = {id(p) for p in method.teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in method.parameters()}
+    assert not teacher_ids & {id(p) for g in method.parameter_groups() for p in g["params"]}
+    assert not any(k.startswith("teacher") for k in method.state_dict())
+    before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    optimizer = torch.optim.AdamW(method.parameter_groups(), lr=1e-3)
+    method.train()
+    assert not method.teacher.training and not any(m.training for m in method.teacher.modules())
+    batch = _batch(method)
+    for _ in range(3):
+        terms = method.loss_terms(batch)
+        (terms["rafa"] + terms["hycd"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(before[k], v) for k, v in method.teacher.state_dict().items())
+    assert not all(torch.equal(before[k], v) for k, v in method.model.state_dict().items())
+
+
+def test_teacher_follows_device_and_dtype_moves() -> None:
+    method = build_method(load_config(None, ["method.name=clip_refine"]))
+    method.to(torch.float64)
+    assert method.teacher.logit_scale.dtype == torch.float64
+    method.to(torch.float32)
+    assert next(method.teacher.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("method.features=unit", "method.features='unit'"), ("method.rafa_prior=laplace", "method.rafa_prior"),
+     ("method.hycd_alpha=2", "method.hycd_alpha"), ("method.loss_weights.kd=1", "does not compute")],
+)
+def test_bad_options_fail_before_training(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_method(load_config(None, ["method.name=clip_refine", override]))
+
+
+def _run_dir(out: str, name: str) -> Path:
+    return next(Path(out).glob(f"{name}/*"))
+
+
+def test_checkpoint_holds_the_teacher_once_and_only_when_needed(fast_overrides: list[str]) -> None:
+    out = fast_overrides[-1].split("=", 1)[1]
+    common = [*fast_overrides, "trainer.max_steps=2", "trainer.val_check_interval=2", "eval.zeroshot=[]",
+              "eval.compositional.source=null"]
+    # from the shipped weights: the teacher is rebuilt from model.pretrained, not stored
+    assert main(["fit", RECIPE, *common, "run.name=tagged"]) == 0
+    ckpt = torch.load(_run_dir(out, "tagged") / "checkpoints" / "last.ckpt", weights_only=True)
+    n_model = len(build_method(load_config(None, ["method.name=clip_refine"])).model.state_dict())
+    assert TEACHER_KEY not in ckpt and len(ckpt["state_dict"]) == n_model
+    # from a random initialisation: stored once, beside the state dict
+    assert main(["fit", RECIPE, *common, "run.name=random", "model.pretrained=null"]) == 0
+    ckpt = torch.load(_run_dir(out, "random") / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(ckpt["state_dict"]) == n_model and len(ckpt[TEACHER_KEY]) == n_model
