@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,7 +63,7 @@ COLUMNS = {
 }
 
 
-def run_arm(recipe: str, overrides: list[str], arm: list[str] | None, out: Path) -> dict[str, float]:
+def run_arm(recipe: str, overrides: list[str], arm: Optional[list[str]], out: Path) -> dict[str, float]:
     quiet = ["trainer.enable_progress_bar=false", f"run.out_dir={out}"]
     if arm is None:
         return validate(load_config(recipe, [*overrides, *quiet]))["metrics"]
@@ -79,12 +80,17 @@ def table(name: str, results: dict[str, dict[str, float]], setting: str) -> str:
     return "\n".join(lines)
 
 
-def benchmark(name: str, recipe: str, overrides: list[str], setting: str, out: Path) -> str:
-    results = {}
+def benchmark(name: str, recipe: str, overrides: list[str], lrs: list[float], setting: str, out: Path) -> str:
+    """Every arm at every learning rate; the start is validated once."""
+    results: dict[str, dict[str, float]] = {}
     for arm, arm_overrides in ARMS.items():
-        start = time.perf_counter()
-        results[arm] = run_arm(recipe, overrides, arm_overrides, out / name / arm.split(" (")[0].replace(" ", "_"))
-        print(f"[{name}] {arm}: {time.perf_counter() - start:.0f} s", flush=True)
+        for lr in [None] if arm_overrides is None else lrs:
+            label = arm if lr is None else f"{arm}, lr {lr:g}"
+            folder = out / name / f"{arm.split(' (')[0].replace(' ', '_')}_{lr or 0:g}"
+            start = time.perf_counter()
+            extra = [] if lr is None else [*arm_overrides, f"optim.lr={lr}"]
+            results[label] = run_arm(recipe, overrides, extra if lr is not None else None, folder)
+            print(f"[{name}] {label}: {time.perf_counter() - start:.0f} s", flush=True)
     text = table(name, results, setting)
     print(text, flush=True)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
@@ -94,25 +100,25 @@ def benchmark(name: str, recipe: str, overrides: list[str], setting: str, out: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-6, 1e-5])
     parser.add_argument("--twemoji", default=str(ROOT.parent / "shared" / "data" / "twemoji64"))
     parser.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--only", choices=["synthetic", "twemoji"], default=None)
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="clip_refine_bench_"))
-    common = [f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "trainer.val_check_interval=null",
-              "run.plot=false"]
+    common = [f"trainer.max_steps={args.steps}", "trainer.val_check_interval=null", "run.plot=false"]
+    lrs = ", ".join(f"{lr:g}" for lr in args.lr)
     sections = []
     if args.only in (None, "synthetic"):
         setting = (f"clipft-tiny-vit `synthetic` start, {args.steps} steps of batch 128 on synthetic stream seed 1, "
-                   f"constant lr {args.lr:g}")
-        sections.append(benchmark("synthetic", str(ROOT / "recipes" / "clip_refine.yaml"), common, setting, out))
+                   f"constant lr {lrs}")
+        sections.append(benchmark("synthetic", str(ROOT / "recipes" / "clip_refine.yaml"), common, args.lr, setting, out))
     twemoji = Path(args.twemoji)
     if args.only in (None, "twemoji") and twemoji.is_dir():
-        from clipft.data.twemoji import convert
+        from clipft.data.twemoji import write_tables
 
         data = out / "twemoji64"
-        convert(twemoji, data)
+        write_tables(twemoji, data)
         lit = ["data.train=" + str(data / "train.csv"), "data.val=" + str(data / "test.csv"),
                f"eval.zeroshot[0].data={data / 'test.csv'}", f"eval.zeroshot[1].data={data / 'test.csv'}"]
         start = fit(load_config(str(ROOT / "recipes" / "lit_twemoji.yaml"),
@@ -120,8 +126,8 @@ def main() -> None:
         refine = [*lit, f"model.pretrained={start['last_checkpoint']}", "optim.schedule=constant", "optim.warmup_steps=0",
                   *common]
         setting = (f"LiT twemoji start (locked MiniLM text tower), {args.steps} steps of batch 64 on the train split, "
-                   f"constant lr {args.lr:g}, test split")
-        sections.append(benchmark("twemoji", str(ROOT / "recipes" / "lit_twemoji.yaml"), refine, setting, out))
+                   f"constant lr {lrs}, test split")
+        sections.append(benchmark("twemoji", str(ROOT / "recipes" / "lit_twemoji.yaml"), refine, args.lr, setting, out))
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     (results / "clip_refine.md").write_text("\n\n".join(sections) + "\n")

@@ -102,12 +102,18 @@ def resolve_resume(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
+    """A new folder ``out_dir/name/<time>``, created here: two runs started in the same second
+    get ``<time>`` and ``<time>-1``."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.run.out_dir) / cfg.run.name / stamp
+    base.parent.mkdir(parents=True, exist_ok=True)
     run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir, n = base.with_name(f"{stamp}-{n}"), n + 1
-    return run_dir
+    while True:
+        try:
+            run_dir.mkdir()  # atomic: fails if another process took the name first
+            return run_dir
+        except FileExistsError:
+            run_dir, n = base.with_name(f"{stamp}-{n}"), n + 1
 
 
 def _write_config(run_dir: Path, cfg: RunConfig, resumed: bool) -> None:

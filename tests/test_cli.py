@@ -158,3 +158,12 @@ def test_validate_writes_every_section(fast_overrides: list[str], capsys: pytest
         assert title in markdown, title
     assert (run / "gap.png").stat().st_size > 10_000
     assert not (run / "checkpoints").exists()  # validate writes no checkpoints
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path: Path) -> None:
+    from clipft.config import load_config
+    from clipft.runner import new_run_dir
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}"])
+    folders = [new_run_dir(cfg) for _ in range(3)]
+    assert len(set(folders)) == 3 and all(f.is_dir() for f in folders)
