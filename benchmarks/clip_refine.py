@@ -1,13 +1,13 @@
 """CLIP-Refine at small scale: does post-pre-training narrow the modality gap while zero-shot
 and retrieval hold, where plain contrastive fine-tuning loses zero-shot? (research notes §1.5)
 
-    python benchmarks/clip_refine.py [--steps 300] [--lr 1e-5] [--twemoji ../shared/data/twemoji64]
+    python benchmarks/clip_refine.py [--steps 300] [--lr 1e-6 1e-5] [--twemoji-lr 1e-5] [--twemoji ../shared/data/twemoji64]
 
 From one pre-trained start, with the same data, steps and learning rate, it runs: no
 refinement, contrastive fine-tuning, CLIP-Refine in its two readings (raw features as the
 official code, unit features as the normalised form), HyCD only and RaFA only; then prints
 one table per data set (gap, linear separability, zero-shot top-1, retrieval R@1,
-compositional accuracy) and writes it to benchmarks/results/clip_refine.md.
+compositional accuracy) and writes it to benchmarks/results/clip_refine_<data>.md.
 
 * synthetic: the shipped tiny model (``model.pretrained=synthetic``, pre-trained on the
   synthetic seed-0 stream), refined on a different stream (seed 1), evaluated on held-out scenes.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -36,16 +37,15 @@ sys.path.insert(0, str(ROOT))
 from clipft.config import load_config  # noqa: E402
 from clipft.runner import fit, validate  # noqa: E402
 
+RAW = ["method.features=raw", "method.rafa_prior=gaussian", "method.rafa_reduction=code", "method.hycd_logit_scale=false"]
 ARMS = {
     "no refinement": None,
     "contrastive fine-tuning": ["method.name=finetune"],
-    "CLIP-Refine (raw, official code)": ["method.name=clip_refine", "method.features=raw"],
-    "CLIP-Refine (normalized)": [
-        "method.name=clip_refine", "method.features=normalized", "method.rafa_prior=sphere",
-        "method.rafa_reduction=paper", "method.hycd_logit_scale=true",
-    ],
-    "HyCD only (raw)": ["method.name=clip_refine", "method.loss_weights.rafa=0"],
-    "RaFA only (raw)": ["method.name=clip_refine", "method.loss_weights.hycd=0"],
+    "CLIP-Refine (raw, official code)": ["method.name=clip_refine", *RAW],
+    "CLIP-Refine (normalized, default)": ["method.name=clip_refine"],
+    "HyCD only (normalized)": ["method.name=clip_refine", "method.loss_weights.rafa=0"],
+    "RaFA only (normalized)": ["method.name=clip_refine", "method.loss_weights.hycd=0"],
+    "RaFA only (raw)": ["method.name=clip_refine", *RAW, "method.loss_weights.hycd=0"],
 }
 
 COLUMNS = {
@@ -86,7 +86,7 @@ def benchmark(name: str, recipe: str, overrides: list[str], lrs: list[float], se
     for arm, arm_overrides in ARMS.items():
         for lr in [None] if arm_overrides is None else lrs:
             label = arm if lr is None else f"{arm}, lr {lr:g}"
-            folder = out / name / f"{arm.split(' (')[0].replace(' ', '_')}_{lr or 0:g}"
+            folder = out / name / re.sub(r"[^A-Za-z0-9.-]+", "_", label)
             start = time.perf_counter()
             extra = [] if lr is None else [*arm_overrides, f"optim.lr={lr}"]
             results[label] = run_arm(recipe, overrides, extra if lr is not None else None, folder)
@@ -94,13 +94,17 @@ def benchmark(name: str, recipe: str, overrides: list[str], lrs: list[float], se
     text = table(name, results, setting)
     print(text, flush=True)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    saved = ROOT / "benchmarks" / "results" / f"clip_refine_{name}.md"
+    saved.parent.mkdir(exist_ok=True)
+    saved.write_text(text + "\n")
     return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, nargs="+", default=[1e-6, 1e-5])
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-6, 1e-5], help="synthetic: every arm at each")
+    parser.add_argument("--twemoji-lr", type=float, nargs="+", default=[1e-5])
     parser.add_argument("--twemoji", default=str(ROOT.parent / "shared" / "data" / "twemoji64"))
     parser.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--only", choices=["synthetic", "twemoji"], default=None)
@@ -108,11 +112,10 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="clip_refine_bench_"))
     common = [f"trainer.max_steps={args.steps}", "trainer.val_check_interval=null", "run.plot=false"]
     lrs = ", ".join(f"{lr:g}" for lr in args.lr)
-    sections = []
     if args.only in (None, "synthetic"):
         setting = (f"clipft-tiny-vit `synthetic` start, {args.steps} steps of batch 128 on synthetic stream seed 1, "
                    f"constant lr {lrs}")
-        sections.append(benchmark("synthetic", str(ROOT / "recipes" / "clip_refine.yaml"), common, args.lr, setting, out))
+        benchmark("synthetic", str(ROOT / "recipes" / "clip_refine.yaml"), common, args.lr, setting, out)
     twemoji = Path(args.twemoji)
     if args.only in (None, "twemoji") and twemoji.is_dir():
         from clipft.data.twemoji import write_tables
@@ -126,11 +129,8 @@ def main() -> None:
         refine = [*lit, f"model.pretrained={start['last_checkpoint']}", "optim.schedule=constant", "optim.warmup_steps=0",
                   *common]
         setting = (f"LiT twemoji start (locked MiniLM text tower), {args.steps} steps of batch 64 on the train split, "
-                   f"constant lr {lrs}, test split")
-        sections.append(benchmark("twemoji", str(ROOT / "recipes" / "lit_twemoji.yaml"), refine, args.lr, setting, out))
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "clip_refine.md").write_text("\n\n".join(sections) + "\n")
+                   f"constant lr {', '.join(f'{lr:g}' for lr in args.twemoji_lr)}, test split")
+        benchmark("twemoji", str(ROOT / "recipes" / "lit_twemoji.yaml"), refine, args.twemoji_lr, setting, out)
     print(f"run folders: {out}")
 
 

@@ -48,14 +48,16 @@ TEACHER_KEY = "clip_refine_teacher"
 class ClipRefineConfig(MethodConfig):
     name: str = "clip_refine"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 0.0, "rafa": 1.0, "hycd": 1.0})
-    features: str = "raw"  # raw (official code) | normalized: what RaFA and HyCD see
-    rafa_prior: str = "gaussian"  # gaussian | uniform | sphere
+    # Default: the normalised reading (README: CLIP-Refine). The official code's reading:
+    # features raw, rafa_prior gaussian, rafa_reduction code, hycd_logit_scale false.
+    features: str = "normalized"  # normalized | raw: what RaFA and HyCD see
+    rafa_prior: str = "sphere"  # gaussian | uniform | sphere
     rafa_mean: float = 0.0  # μ of the prior N(μ·1, σ²I)
     rafa_std: float = 1.0  # σ
-    rafa_reduction: str = "code"  # code (element-wise mean, modalities summed) | paper (½·mean ‖·‖²)
+    rafa_reduction: str = "paper"  # paper (½·mean ‖·‖²) | code (element-wise mean, modalities summed)
     hycd_alpha: float = 0.5  # weight of the ground-truth pairs in the hybrid targets
     hycd_temperature: float = 1.0
-    hycd_logit_scale: bool = False  # multiply the similarities by the model's logit scale
+    hycd_logit_scale: bool = True  # multiply the similarities by each model's logit scale
 
 
 @register_method("clip_refine", ClipRefineConfig)

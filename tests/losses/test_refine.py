@@ -133,3 +133,37 @@ def test_hycd_rejects_bad_options() -> None:
         hycd(v, v, v, v, alpha=1.5)
     with pytest.raises(ValueError, match="temperature"):
         hycd(v, v, v, v, temperature=0.0)
+
+
+def _expected_rafa(v: torch.Tensor, t: torch.Tensor, draws: int, normalize: bool = False, **prior) -> tuple[float, torch.Tensor]:
+    """Monte-Carlo mean over ``draws`` reference draws of RaFA (paper reduction) and its
+    gradient with respect to v (before the normalisation, when there is one)."""
+    v = v.clone().requires_grad_(True)
+    features = F.normalize(v, dim=1) if normalize else v
+    tiled_v, tiled_t = features.repeat(draws, 1), t.repeat(draws, 1)
+    refs = sample_references(*tiled_v.shape, **prior, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loss = rafa(tiled_v, tiled_t, refs, "paper")
+    (grad,) = torch.autograd.grad(loss, v)
+    return loss.item(), grad
+
+
+def test_raw_rafa_in_expectation_only_pulls_each_feature_to_the_prior_mean() -> None:
+    """E_r[L] = 1/(2B) Σ_i (‖v_i − μ‖² + ‖t_i − μ‖²) + Dσ²: the shared reference couples an
+    image to its text only through noise; on average RaFA shrinks features toward μ."""
+    v, t = randn(3, 4, seed=20), randn(3, 4, seed=21)
+    mu, sigma = 0.5, 1.0
+    loss, grad = _expected_rafa(v, t, 40000, prior="gaussian", mean=mu, std=sigma)
+    closed = ((v - mu).pow(2).sum() + (t - mu).pow(2).sum()).item() / (2 * 3) + 4 * sigma**2
+    assert loss == pytest.approx(closed, rel=0.01)
+    assert torch.allclose(grad, (v - mu) / 3, atol=0.01)
+
+
+def test_normalized_rafa_with_a_centred_sphere_prior_has_no_expected_gradient() -> None:
+    """For unit features and references uniform on the sphere, E‖v̂ − r̂‖² = 2 whatever v̂:
+    the normalised reading of RaFA adds noise but no pull (why it leaves the gap alone)."""
+    v, t = randn(3, 8, seed=22), F.normalize(randn(3, 8, seed=23), dim=1)
+    loss, grad = _expected_rafa(v, t, 40000, normalize=True, prior="sphere")
+    assert loss == pytest.approx(2.0, abs=0.01)
+    assert grad.abs().max().item() < 0.01
+    one_draw = _expected_rafa(v, t, 1, normalize=True, prior="sphere")[1]
+    assert one_draw.abs().max().item() > 0.05  # a single draw does push
