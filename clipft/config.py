@@ -138,7 +138,11 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
+    # auto | ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_2_offload | deepspeed_stage_3 |
+    # deepspeed_stage_3_offload (DeepSpeed ZeRO also on CPU, with gloo) | any Lightning strategy name
     strategy: str = "auto"
+    # DeepSpeed: save only trainable weights (LoRA adapters; the base comes from model.pretrained)
+    exclude_frozen_parameters: bool = False
     # open_clip names (fp32, amp, amp_bf16, pure_bf16, pure_fp16) or Lightning names (32-true, ...)
     precision: str = "fp32"
     max_steps: int = -1
@@ -460,6 +464,11 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
     layers: list[tuple[str, DictConfig]] = []
     if recipe is not None:
         layers.extend(_read_yaml(Path(recipe)))
+    # include=FILE on the command line: a building block merged after the recipe, before the
+    # key=value overrides (e.g. include=configs/trainer/deepspeed_zero3.yaml)
+    for item in [o for o in overrides or [] if o.startswith(f"{INCLUDE_KEY}=")]:
+        layers.extend(_read_yaml(_resolve_include(item.split("=", 1)[1], Path.cwd() / "command line")))
+    overrides = [o for o in overrides or [] if not o.startswith(f"{INCLUDE_KEY}=")]
     if overrides:
         layers.append(("command-line override", _parse_overrides(overrides)))
 

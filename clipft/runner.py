@@ -30,6 +30,7 @@ from clipft.eval.plots import plot_training_curves
 from clipft.eval.tasks import build_zeroshot_task
 from clipft.logs import ContinuingCSVLogger
 from clipft.methods import ContrastiveMethod, build_method
+from clipft.strategies import build_strategy
 from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file
 
 log = logging.getLogger("clipft")
@@ -67,7 +68,13 @@ def _checkpoint_step(ckpt: Optional[Path]) -> Optional[int]:
         return None
     if Path(ckpt).suffix == ".safetensors":
         return None
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    if Path(ckpt).is_dir():  # a DeepSpeed checkpoint: Lightning's state is in the model-states file
+        tag = (Path(ckpt) / "latest").read_text().strip()
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
+        ckpt = next((Path(ckpt) / tag / n for n in names if (Path(ckpt) / tag / n).is_file()), Path(ckpt) / tag / names[0])
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # DeepSpeed objects inside
+    else:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     step = state.get("global_step") if isinstance(state, dict) else None
     return int(step) if step is not None else None
 
@@ -270,7 +277,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t),
         precision=lightning_precision(t.precision),  # type: ignore[arg-type]
         max_steps=t.max_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,

@@ -1,0 +1,64 @@
+"""Lightning strategies from ``trainer.strategy``: the usual names, with DeepSpeed ZeRO also on CPU.
+
+Lightning's DeepSpeed strategy refuses a CPU accelerator, yet DeepSpeed itself runs ZeRO-2/3
+on CPU with gloo (research notes, environment.md §2). :class:`CPUDeepSpeedStrategy` removes
+the three CUDA-only steps, so DeepSpeed runs are tested on a laptop / in CI with 1 or 2 processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Union
+
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+
+from clipft.config import TrainerConfig
+
+# trainer.strategy -> DeepSpeedStrategy arguments (Lightning's registry names)
+DEEPSPEED_STRATEGIES: dict[str, dict[str, Any]] = {
+    "deepspeed_stage_1": {"stage": 1},
+    "deepspeed_stage_2": {"stage": 2},
+    "deepspeed_stage_2_offload": {"stage": 2, "offload_optimizer": True},
+    "deepspeed_stage_3": {"stage": 3},
+    "deepspeed_stage_3_offload": {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+}
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO with the CPU accelerator and gloo (for tests and laptops; GPUs use the
+    stock strategy). DeepSpeed's shared-memory communication op, compiled with g++ on first
+    use (30-60 s), is switched off: gloo carries everything."""
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)  # skip the "only CUDA GPUs" check
+
+    def setup_distributed(self) -> None:
+        import deepspeed.ops
+        from lightning.fabric.utilities.seed import reset_seed
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        reset_seed()
+        self.set_world_ranks()  # no CUDA device index to validate on a CPU
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
+        import deepspeed
+
+        # Lightning passes device_rank = root_device.index, which is None on a CPU
+        params = filter(lambda p: p.requires_grad, model.parameters())
+        engine, optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False,
+        )
+        return engine, optimizer
+
+
+def build_strategy(cfg: TrainerConfig) -> Union[str, Strategy]:
+    """The strategy of ``trainer.strategy``: a Lightning name (auto, ddp, ...) as it is, or a
+    DeepSpeed ZeRO strategy (on CPU, :class:`CPUDeepSpeedStrategy` with gloo)."""
+    if cfg.strategy not in DEEPSPEED_STRATEGIES:
+        return cfg.strategy
+    kwargs = dict(DEEPSPEED_STRATEGIES[cfg.strategy], exclude_frozen_parameters=cfg.exclude_frozen_parameters)
+    if cfg.accelerator == "cpu":
+        return CPUDeepSpeedStrategy(**kwargs, process_group_backend="gloo")
+    return DeepSpeedStrategy(**kwargs)
