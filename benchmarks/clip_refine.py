@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from clipft.config import load_config  # noqa: E402
 from clipft.runner import fit, validate  # noqa: E402
 
-RAW = ["method.features=raw", "method.rafa_prior=gaussian", "method.rafa_reduction=code", "method.hycd_logit_scale=false"]
+RAW = ["method.features=raw"]  # with gaussian references, RaFA as `code`, HyCD on raw dot products
 ARMS = {
     "no refinement": None,
     "contrastive fine-tuning": ["method.name=finetune"],

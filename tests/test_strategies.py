@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 
 from clipft.config import load_config
 from clipft.runner import lightning_precision

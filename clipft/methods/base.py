@@ -116,6 +116,17 @@ class ContrastiveMethod(L.LightningModule):
     def frozen_modules(self) -> dict[str, nn.Module]:
         return self._frozen_modules
 
+    def _place_frozen_modules(self) -> None:
+        # Strategies that place parameters themselves (FSDP) bypass ``_apply``.
+        for module in self._frozen_modules.values():
+            module.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_frozen_modules()
+
+    def on_validation_start(self) -> None:
+        self._place_frozen_modules()
+
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "ContrastiveMethod":
         # .to(device) / .half() / .cuda() reach the frozen copies, which are not submodules.
         super()._apply(fn, *args, **kwargs)

@@ -28,6 +28,8 @@ The teacher is never in the optimizer or the checkpoint's state dict: it is rebu
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -37,27 +39,45 @@ from torch import Tensor
 
 from clipft.config import ConfigError, MethodConfig
 from clipft.data.datamodule import Batch
+from clipft.losses.contrastive import clip_contrastive_loss
 from clipft.losses.refine import RAFA_PRIORS, RAFA_REDUCTIONS, hycd, rafa, sample_references
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle
 
 TEACHER_KEY = "clip_refine_teacher"
+FINGERPRINT_KEY = "clip_refine_teacher_sha256"
 
 
 @dataclass
 class ClipRefineConfig(MethodConfig):
     name: str = "clip_refine"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 0.0, "rafa": 1.0, "hycd": 1.0})
-    # Default: the normalised reading (README: CLIP-Refine). The official code's reading:
-    # features raw, rafa_prior gaussian, rafa_reduction code, hycd_logit_scale false.
-    features: str = "normalized"  # normalized | raw: what RaFA and HyCD see
-    rafa_prior: str = "sphere"  # gaussian | uniform | sphere
+    # What RaFA and HyCD see: normalized (the default, README: CLIP-Refine) or raw (the
+    # official code). The three options below default (null) to the chosen reading's values:
+    # normalized -> sphere, paper, true; raw -> gaussian, code, false.
+    features: str = "normalized"
+    rafa_prior: Optional[str] = None  # gaussian | uniform | sphere
     rafa_mean: float = 0.0  # μ of the prior N(μ·1, σ²I)
     rafa_std: float = 1.0  # σ
-    rafa_reduction: str = "paper"  # paper (½·mean ‖·‖²) | code (element-wise mean, modalities summed)
+    rafa_reduction: Optional[str] = None  # paper (½·mean ‖·‖²) | code (element-wise mean, modalities summed)
     hycd_alpha: float = 0.5  # weight of the ground-truth pairs in the hybrid targets
     hycd_temperature: float = 1.0
-    hycd_logit_scale: bool = True  # multiply the similarities by each model's logit scale
+    hycd_logit_scale: Optional[bool] = None  # multiply the similarities by each model's logit scale
+
+
+READINGS: dict[str, dict[str, Any]] = {
+    "normalized": {"rafa_prior": "sphere", "rafa_reduction": "paper", "hycd_logit_scale": True},
+    "raw": {"rafa_prior": "gaussian", "rafa_reduction": "code", "hycd_logit_scale": False},
+}
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @register_method("clip_refine", ClipRefineConfig)
@@ -69,13 +89,15 @@ class ClipRefine(ContrastiveMethod):
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__(config, bundle)
         opts: ClipRefineConfig = self.cfg.method  # type: ignore[assignment]
-        for key, value, allowed in (
-            ("features", opts.features, ("raw", "normalized")),
-            ("rafa_prior", opts.rafa_prior, RAFA_PRIORS),
-            ("rafa_reduction", opts.rafa_reduction, RAFA_REDUCTIONS),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"method.{key}={value!r} is not one of: {', '.join(allowed)}")
+        if opts.features not in READINGS:
+            raise ConfigError(f"method.features={opts.features!r} is not one of: {', '.join(READINGS)}")
+        # the options of this run, with the reading's values where the recipe left them null
+        self.options = dataclasses.replace(
+            opts, **{k: v for k, v in READINGS[opts.features].items() if getattr(opts, k) is None}
+        )
+        for key, allowed in (("rafa_prior", RAFA_PRIORS), ("rafa_reduction", RAFA_REDUCTIONS)):
+            if getattr(self.options, key) not in allowed:
+                raise ConfigError(f"method.{key}={getattr(opts, key)!r} is not one of: {', '.join(allowed)}")
         if not 0.0 <= opts.hycd_alpha <= 1.0:
             raise ConfigError(f"method.hycd_alpha={opts.hycd_alpha} must be in [0, 1]")
         if opts.hycd_temperature <= 0 or opts.rafa_std < 0:
@@ -83,6 +105,7 @@ class ClipRefine(ContrastiveMethod):
         # The starting weights: the student is built from model.pretrained, so at this point it
         # is the start (a resumed run loads its own weights into the student afterwards).
         self.frozen_copy("teacher", self.model)
+        self.teacher_fingerprint = fingerprint(self.teacher)
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -93,7 +116,7 @@ class ClipRefine(ContrastiveMethod):
         return self.cfg.model.pretrained is not None
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
-        opts: ClipRefineConfig = self.cfg.method  # type: ignore[assignment]
+        opts = self.options
         normalize = opts.features == "normalized"
         image_features = self.encode_image(batch.images, normalize=normalize)
         text_features = self.encode_text(batch.texts, normalize=normalize)
@@ -102,11 +125,14 @@ class ClipRefine(ContrastiveMethod):
             teacher_text = self.teacher.encode_text(batch.texts, normalize=normalize)
         self.log_pair_geometry(image_features, text_features)
 
-        references = sample_references(
-            *image_features.shape, prior=opts.rafa_prior, mean=opts.rafa_mean, std=opts.rafa_std,
-            device=image_features.device, dtype=torch.float32,
-        )
+        world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
+        batch_size, dim = image_features.shape
+        # references for the global batch, this rank's slice: no two ranks share a draw
+        references = sample_references(
+            world * batch_size, dim, prior=opts.rafa_prior, mean=opts.rafa_mean, std=opts.rafa_std,
+            device=image_features.device, dtype=torch.float32,
+        )[rank * batch_size:(rank + 1) * batch_size]
         scaled = opts.hycd_logit_scale
         distill = hycd(
             image_features, text_features, teacher_image, teacher_text,
@@ -115,22 +141,35 @@ class ClipRefine(ContrastiveMethod):
             teacher_logit_scale=self.teacher.logit_scale.exp() if scaled else None,
             all_image_features=self.gather(image_features), all_text_features=self.gather(text_features),
             all_teacher_image_features=self.gather(teacher_image), all_teacher_text_features=self.gather(teacher_text),
-            offset=rank * image_features.shape[0],
+            offset=rank * batch_size,
         )
         unit_image = image_features if normalize else F.normalize(image_features, dim=-1)
         unit_text = text_features if normalize else F.normalize(text_features, dim=-1)
+        if self.cfg.method.loss_weights.get("contrastive", 1.0) != 0:
+            contrastive = self.contrastive_loss(unit_image, unit_text)
+        else:  # weight 0 (the default): logged only, on this device's batch
+            with torch.no_grad():
+                contrastive = clip_contrastive_loss(unit_image, unit_text, self.logit_scale)
         return {
-            "contrastive": self.contrastive_loss(unit_image, unit_text),
+            "contrastive": contrastive,
             "rafa": rafa(image_features, text_features, references, opts.rafa_reduction),
             "hycd": distill,
         }
 
-    # The teacher is not a submodule, so it is in no state dict; store it only when
-    # model.pretrained cannot rebuild it.
+    # The teacher is not a submodule, so it is in no state dict. A checkpoint stores its
+    # fingerprint, and its weights only when model.pretrained cannot rebuild it.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[FINGERPRINT_KEY] = self.teacher_fingerprint
         if not self.teacher_is_rebuildable:
             checkpoint[TEACHER_KEY] = self.teacher.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if TEACHER_KEY in checkpoint:
             self.teacher.load_state_dict(checkpoint[TEACHER_KEY])
+            self.teacher_fingerprint = fingerprint(self.teacher)
+        elif checkpoint.get(FINGERPRINT_KEY, self.teacher_fingerprint) != self.teacher_fingerprint:
+            raise ValueError(
+                f"model.pretrained={self.cfg.model.pretrained} no longer holds the weights this run started from "
+                "(the teacher rebuilt from it differs from the one in the checkpoint's run): restore that file, "
+                "or start a new run"
+            )

@@ -7,7 +7,6 @@ import difflib
 import logging
 import math
 import os
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -150,14 +149,21 @@ def _local_hf_text_tower(name: str) -> bool:
     return bool(hf_name) and Path(hf_name).is_dir()
 
 
-def _train_keeping_eval(module: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(module, False)
+class _TrainKeepingEval:
+    """A frozen module's ``train``: always eval. A plain object (not a bound method), so the
+    module still pickles (``ddp_spawn``) and deep-copies."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        return nn.Module.train(self.module, False)
 
 
 def keep_in_eval(module: nn.Module) -> None:
     """Keep a frozen module in eval mode (dropout off) whatever ``train()`` is called on: its
     own ``train`` is replaced, so a parent's recursive ``train()`` cannot switch it back."""
-    module.train = types.MethodType(_train_keeping_eval, module)  # type: ignore[method-assign]
+    module.train = _TrainKeepingEval(module)  # type: ignore[method-assign]
     module.eval()
 
 

@@ -3,7 +3,7 @@ the modality gap of the shipped pre-trained tiny model."""
 
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from clipft.cli import main
 from clipft.config import ConfigError, load_config
 from clipft.data.datamodule import Batch
 from clipft.methods import ClipRefine, build_method
-from clipft.methods.clip_refine import TEACHER_KEY
+from clipft.methods.clip_refine import FINGERPRINT_KEY, TEACHER_KEY
 
 RECIPE = "recipes/clip_refine.yaml"
 
@@ -55,7 +55,7 @@ def test_teacher_follows_device_and_dtype_moves() -> None:
 
 @pytest.mark.parametrize(
     "override,message",
-    [("method.features=unit", "method.features='unit'"), ("method.rafa_prior=laplace", "method.rafa_prior"),
+    [("method.features=unit", "method.features='unit'"), ("method.rafa_reduction=sum", "method.rafa_reduction"), ("method.rafa_prior=laplace", "method.rafa_prior"),
      ("method.hycd_alpha=2", "method.hycd_alpha"), ("method.loss_weights.kd=1", "does not compute")],
 )
 def test_bad_options_fail_before_training(override: str, message: str) -> None:
@@ -67,19 +67,48 @@ def _run_dir(out: str, name: str) -> Path:
     return next(Path(out).glob(f"{name}/*"))
 
 
-def test_checkpoint_holds_the_teacher_once_and_only_when_needed(fast_overrides: list[str]) -> None:
+def test_checkpoint_holds_the_teacher_once_and_only_when_needed(fast_overrides: list[str], tmp_path: Path) -> None:
     out = fast_overrides[-1].split("=", 1)[1]
     common = [*fast_overrides, "trainer.max_steps=2", "trainer.val_check_interval=2", "eval.zeroshot=[]",
-              "eval.compositional.source=null"]
-    # from the shipped weights: the teacher is rebuilt from model.pretrained, not stored
-    assert main(["fit", RECIPE, *common, "run.name=tagged"]) == 0
-    ckpt = torch.load(_run_dir(out, "tagged") / "checkpoints" / "last.ckpt", weights_only=True)
+              "eval.compositional.source=null", "optim.lr=1e-3"]
     n_model = len(build_method(load_config(None, ["method.name=clip_refine"])).model.state_dict())
-    assert TEACHER_KEY not in ckpt and len(ckpt["state_dict"]) == n_model
-    # from a random initialisation: stored once, beside the state dict
+    # from a weights file: the teacher is rebuilt from model.pretrained, only its fingerprint is stored
+    start = tmp_path / "start.pt"
+    torch.save(build_method(load_config(RECIPE, [])).model.state_dict(), start)
+    assert main(["fit", RECIPE, *common, "run.name=file", f"model.pretrained={start}"]) == 0
+    run = _run_dir(out, "file")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert TEACHER_KEY not in ckpt and len(ckpt["state_dict"]) == n_model and FINGERPRINT_KEY in ckpt
+    # ... and a resume refuses a start file that changed since
+    torch.save(build_method(load_config(None, ["method.name=clip_refine"])).model.state_dict(), start)
+    with pytest.raises(ValueError, match="no longer holds the weights this run started from"):
+        main(["fit", RECIPE, *common, "run.name=file", f"model.pretrained={start}", "trainer.max_steps=4",
+              "run.resume=last"])
+
+    # from a random initialisation: stored once, beside the state dict, and restored on resume
     assert main(["fit", RECIPE, *common, "run.name=random", "model.pretrained=null"]) == 0
-    ckpt = torch.load(_run_dir(out, "random") / "checkpoints" / "last.ckpt", weights_only=True)
-    assert len(ckpt["state_dict"]) == n_model and len(ckpt[TEACHER_KEY]) == n_model
+    run = _run_dir(out, "random")
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(first["state_dict"]) == n_model and len(first[TEACHER_KEY]) == n_model
+    assert main(["fit", RECIPE, *common, "run.name=random", "model.pretrained=null", "trainer.max_steps=4",
+                 "run.resume=last"]) == 0
+    second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert second["global_step"] == 4
+    assert all(torch.equal(first[TEACHER_KEY][k], v) for k, v in second[TEACHER_KEY].items())  # the start
+    student = {k.removeprefix("model."): v for k, v in second["state_dict"].items()}
+    assert not all(torch.equal(student[k], v) for k, v in second[TEACHER_KEY].items())  # trained away from it
+
+
+def test_reading_sets_its_companion_options_and_the_method_pickles() -> None:
+    raw = build_method(load_config(None, ["method.name=clip_refine", "method.features=raw"]))
+    assert (raw.options.rafa_prior, raw.options.rafa_reduction, raw.options.hycd_logit_scale) == ("gaussian", "code", False)
+    mixed = build_method(load_config(None, ["method.name=clip_refine", "method.rafa_reduction=code"]))
+    assert (mixed.options.rafa_prior, mixed.options.rafa_reduction, mixed.options.hycd_logit_scale) == ("sphere", "code", True)
+    buffer = io.BytesIO()
+    torch.save(raw, buffer)  # what ddp_spawn does with the LightningModule
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    assert not copy.teacher.training and copy.teacher_fingerprint == raw.teacher_fingerprint
 
 
 def _gap_and_shape(metrics: dict[str, float]) -> tuple[float, float]:
@@ -98,8 +127,7 @@ def test_short_runs_of_the_two_readings_from_the_shipped_start(tmp_path: Path) -
               "trainer.max_steps=30", "optim.lr=1e-4"]
     gap0, shape0 = _gap_and_shape(validate(load_config(RECIPE, common))["metrics"])
     assert gap0 > 0.3 and shape0 > 0.65  # a start with a gap to narrow, and zero-shot to keep
-    raw = ["method.features=raw", "method.rafa_prior=gaussian", "method.rafa_reduction=code",
-           "method.hycd_logit_scale=false", "method.loss_weights.hycd=0"]
+    raw = ["method.features=raw", "method.loss_weights.hycd=0"]
     gap_raw, shape_raw = _gap_and_shape(fit(load_config(RECIPE, [*common, *raw]))["metrics"])
     assert gap_raw > gap0 + 0.2 and shape_raw < shape0 - 0.2
     gap_default, shape_default = _gap_and_shape(fit(load_config(RECIPE, common))["metrics"])
