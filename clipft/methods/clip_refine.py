@@ -128,10 +128,13 @@ class ClipRefine(ContrastiveMethod):
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
         batch_size, dim = image_features.shape
-        # references for the global batch, this rank's slice: no two ranks share a draw
+        # References for the global batch from a generator seeded by (run.seed, step), this
+        # rank's slice: the same draws on any number of devices, and after a resume.
+        generator = torch.Generator(device=image_features.device)
+        generator.manual_seed(self.cfg.run.seed * 1_000_003 + self.global_step)
         references = sample_references(
             world * batch_size, dim, prior=opts.rafa_prior, mean=opts.rafa_mean, std=opts.rafa_std,
-            device=image_features.device, dtype=torch.float32,
+            device=image_features.device, dtype=torch.float32, generator=generator,
         )[rank * batch_size:(rank + 1) * batch_size]
         scaled = opts.hycd_logit_scale
         distill = hycd(
