@@ -290,6 +290,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         enable_model_summary=False,
+        use_distributed_sampler=False,  # the data module shards per rank (ImageTextDataModule._loader)
         **optional,
     )
     if resume_ckpt is None:  # a resumed run may count epochs differently (mid-epoch restart)

@@ -124,14 +124,18 @@ def test_console_script_and_module_entry_point() -> None:
         assert result.returncode == 0 and "usage: clipft" in result.stdout
 
 
-def test_two_process_ddp_fit_on_cpu(fast_overrides: list[str]) -> None:
-    """Lightning re-runs the command for rank 1; both ranks must share one run folder."""
+def test_two_process_ddp_fit_on_cpu(fast_overrides: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Lightning re-runs the command for rank 1; both ranks share one run folder. Each rank
+    evaluates its shard of the validation pairs and of the zero-shot images (97 and 65: the
+    shards are uneven); gathered, every sample counts once, so the numbers equal a
+    one-process evaluation of the same weights."""
     import subprocess
     import sys
 
     out = Path(fast_overrides[-1].split("=", 1)[1])
+    sizes = ["data.synthetic.val_size=97", "eval.zeroshot=[{name: shape, task: shape, size: 65, ensemble: max}]"]
     command = [
-        sys.executable, "-m", "clipft", "fit", QUICKSTART, *fast_overrides,
+        sys.executable, "-m", "clipft", "fit", QUICKSTART, *fast_overrides, *sizes,
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=12",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -140,7 +144,17 @@ def test_two_process_ddp_fit_on_cpu(fast_overrides: list[str]) -> None:
     assert len(runs) == 1
     report = json.loads((runs[0] / "report.json").read_text())
     assert report["steps"] == 12 and 0 < report["metrics"]["val/loss"] < 10
-    assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    last = runs[0] / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+    two = report["metrics"]
+    assert two["val/gap/n_pairs"] == 97 and two["val/retrieval/n_images"] == 97
+
+    capsys.readouterr()
+    assert main(["validate", QUICKSTART, *fast_overrides, *sizes, "--ckpt", str(last)]) == 0
+    validated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]
+    one = json.loads(Path(validated).read_text())["metrics"]
+    for key in ("val/retrieval/i2t_r1", "val/retrieval/t2i_r5", "val/gap/centroid_distance", "val/zeroshot/shape/top1"):
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
 
 
 def test_validate_writes_every_section(fast_overrides: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,13 +4,13 @@ preprocess and tokenizer, as :class:`Batch` objects."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from clipft.config import DataConfig
 from clipft.data.synthetic import SyntheticScenes, label_of
@@ -168,13 +168,24 @@ class ImageTextDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         self.prepare_sources()
 
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         cfg = self.cfg
         pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+        world, rank = self._world()
+        sampler: Optional[Sampler] = None
+        if world > 1 and train:  # a shuffled 1/world of the samples per rank; none twice
+            sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
+        elif world > 1:
+            sampler = ShardSampler(len(dataset), world, rank)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=cfg.num_workers,
             pin_memory=pin,
@@ -202,6 +213,34 @@ class ImageTextDataModule(L.LightningDataModule):
         size = self.cfg.val_batch_size or self.cfg.batch_size
         transform = self._transform(self.val_fetch, self.preprocess_val)
         return self._loader(TransformedImages(self.val_fetch, transform), size, False)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``rank``'s contiguous shard of ``range(size)`` for evaluation on ``world`` ranks.
+
+    Every rank yields the same number of indices (``ceil(size / world)``, so every rank runs
+    the same number of forwards, as ZeRO-3 requires); a short shard repeats its last index.
+    :meth:`valid` says how many leading indices of each rank's shard are real, so gathered
+    results can drop the repeats: each sample is then counted exactly once.
+    """
+
+    def __init__(self, size: int, world: int, rank: int) -> None:
+        self.size, self.world, self.rank = size, world, rank
+        self.per_rank = -(-size // world)
+
+    @staticmethod
+    def valid(size: int, world: int) -> list[int]:
+        per_rank = -(-size // world)
+        return [max(0, min(per_rank, size - r * per_rank)) for r in range(world)]
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.rank * self.per_rank
+        stop = min(start + self.per_rank, self.size)
+        indices = list(range(start, stop)) or [self.size - 1]
+        return iter(indices + [indices[-1]] * (self.per_rank - len(indices)))
+
+    def __len__(self) -> int:
+        return self.per_rank
 
 
 def scale_shift(preprocess: Callable[[Any], torch.Tensor], fill: int = 0) -> Callable[[Any], torch.Tensor]:

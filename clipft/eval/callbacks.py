@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipft.data.datamodule import collate_labelled
+from clipft.data.datamodule import ShardSampler, collate_labelled
 from clipft.eval.metrics import (
     build_zero_shot_classifier,
     mean_per_class_recall,
@@ -43,6 +43,21 @@ def _gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tens
     if pl_module.trainer.world_size == 1:
         return rows
     return pl_module.all_gather(rows).reshape(-1, *rows.shape[1:])
+
+
+def _unpadded_rows(size: int, world: int, gathered: int) -> Optional[list[int]]:
+    """Rows of a rank-order gather of :class:`ShardSampler` shards that are real samples
+    (each sample once), or None when the gather is not such a set (nothing to drop)."""
+    per_rank = -(-size // world)
+    if world == 1 or gathered != per_rank * world:
+        return None
+    return [r * per_rank + j for r, n in enumerate(ShardSampler.valid(size, world)) for j in range(n)]
+
+
+def _val_size(trainer: L.Trainer) -> int:
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    return len(loader.dataset) if loader is not None else 0
 
 
 @dataclass
@@ -88,12 +103,15 @@ class ValidationFeatures(L.Callback):
         """All ranks' features (gathered on the first call of each validation)."""
         if self._gathered is None and self.image_batches:
             trainer = pl_module.trainer
-            self._gathered = PairFeatures(
-                image=_gather_rows(pl_module, torch.cat(self.image_batches)),
-                text=_gather_rows(pl_module, torch.cat(self.text_batches)),
-                captions=_gather_objects(trainer, self.captions),
-                image_ids=_gather_objects(trainer, self.image_ids),
-            )
+            image = _gather_rows(pl_module, torch.cat(self.image_batches))
+            text = _gather_rows(pl_module, torch.cat(self.text_batches))
+            captions = _gather_objects(trainer, self.captions)
+            image_ids = _gather_objects(trainer, self.image_ids)
+            keep = _unpadded_rows(_val_size(trainer), trainer.world_size, len(image)) if trainer.world_size > 1 else None
+            if keep is not None:  # drop the repeats that even out the ranks' shards
+                image, text = image[keep], text[keep]
+                captions, image_ids = [captions[i] for i in keep], [image_ids[i] for i in keep]
+            self._gathered = PairFeatures(image=image, text=text, captions=captions, image_ids=image_ids)
         return self._gathered
 
 
@@ -208,8 +226,9 @@ class ZeroShotCallback(L.Callback):
     """Zero-shot classification: class names x prompt templates → classifier; top-1/top-5.
 
     Templates are combined by the mean of their embeddings (OpenAI) or by the maximum score
-    over templates (see :func:`clipft.eval.metrics.zero_shot_logits`). Every rank computes
-    the same numbers (under ZeRO-3 every rank must join every forward anyway).
+    over templates (see :func:`clipft.eval.metrics.zero_shot_logits`). On several devices each
+    rank encodes its shard of the images (the same number of batches on every rank, as ZeRO-3
+    needs) and every rank the class prompts; the features are gathered, each image once.
     """
 
     def __init__(self, tasks: Sequence[ZeroShotTask], batch_size: int = 256, num_workers: int = 0) -> None:
@@ -220,8 +239,12 @@ class ZeroShotCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, pl_module: Any, task: ZeroShotTask) -> dict[str, float]:
         encoder = _Encoder(pl_module, self.batch_size)
+        trainer = pl_module._trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        size = len(task.dataset)  # type: ignore[arg-type]
         loader = DataLoader(
-            task.dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_labelled
+            task.dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_labelled,
+            sampler=ShardSampler(size, world, rank) if world > 1 else None,
         )
         features, labels = [], []
         with encoder.context():
@@ -229,8 +252,13 @@ class ZeroShotCallback(L.Callback):
             for images, batch_labels in loader:
                 features.append(encoder.images(images))
                 labels.append(batch_labels.to(pl_module.device))
-        logits = zero_shot_logits(torch.cat(features), classifier, task.ensemble)
-        labels_all = torch.cat(labels)
+        image_features, labels_all = torch.cat(features), torch.cat(labels)
+        if world > 1:
+            image_features, labels_all = _gather_rows(pl_module, image_features), _gather_rows(pl_module, labels_all)
+            keep = _unpadded_rows(size, world, len(image_features))
+            if keep is not None:
+                image_features, labels_all = image_features[keep], labels_all[keep]
+        logits = zero_shot_logits(image_features, classifier, task.ensemble)
         metrics = topk_accuracy(logits, labels_all, ks=(1, 5))
         metrics["mean_per_class_recall"] = mean_per_class_recall(logits, labels_all)
         return metrics

@@ -96,3 +96,28 @@ def test_scale_shift_augmentation(bundle) -> None:
     cfg = load_config(None, ["data.train_transform=scale_shift", "data.pad_fill=255"])
     dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
     assert dm.preprocess_train.transforms[-1] is bundle.preprocess_val
+
+
+@pytest.mark.parametrize("size,world", [(97, 2), (5, 4), (3, 4), (8, 2)])
+def test_shards_cover_every_sample_once_with_equal_lengths(size: int, world: int) -> None:
+    from clipft.data.datamodule import ShardSampler
+
+    shards = [list(ShardSampler(size, world, rank)) for rank in range(world)]
+    assert len({len(s) for s in shards}) == 1  # the same number of batches on every rank
+    valid = ShardSampler.valid(size, world)
+    real = [i for shard, n in zip(shards, valid) for i in shard[:n]]
+    assert real == list(range(size))
+
+
+def test_training_samples_split_across_ranks_without_duplicates() -> None:
+    from types import SimpleNamespace
+
+    cfg = load_config(None, ["data.synthetic.train_size=101", "data.batch_size=10", "data.num_workers=0"])
+    bundle = build_model(cfg.model)
+    seen = []
+    for rank in range(2):
+        dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=0)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # type: ignore[assignment]
+        loader = dm.train_dataloader()
+        seen.append(list(loader.sampler))
+    assert len(seen[0]) == len(seen[1]) == 50 and not set(seen[0]) & set(seen[1])
