@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     val.add_argument("recipe", help="recipe YAML")
     val.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    val.add_argument("--ckpt", help="a clipft checkpoint (.ckpt) to evaluate (also as ckpt=PATH)")
+    val.add_argument("--ckpt", help="a clipft checkpoint (.ckpt file or DeepSpeed folder) to evaluate (also as ckpt=PATH)")
 
     info = verbs.add_parser(
         "info",

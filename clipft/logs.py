@@ -14,6 +14,7 @@ from typing import Optional
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 class _ContinuingWriter(ExperimentWriter):
@@ -49,6 +50,7 @@ class ContinuingCSVLogger(CSVLogger):
         self._keep_until_step = keep_until_step
 
     @property
+    @rank_zero_experiment  # other ranks get a dummy: only rank 0 touches metrics.csv
     def experiment(self) -> ExperimentWriter:  # type: ignore[override]
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)

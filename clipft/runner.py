@@ -353,7 +353,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
 def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
     """Evaluate the recipe's model (``model.pretrained``), or a clipft checkpoint, with the
     recipe's evaluation; writes report.json in a new run folder."""
-    if ckpt and not Path(ckpt).is_file():
+    if ckpt and not Path(ckpt).exists():  # a file, or a DeepSpeed checkpoint folder
         raise FileNotFoundError(f"--ckpt: checkpoint '{ckpt}' not found")
     run = build_run(cfg, "validate")
     label = f"{cfg.model.name} ({cfg.model.pretrained or 'random init'})"

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
+from clipft.cli import main
 from clipft.config import load_config
+from clipft.models import build_model, read_state_dict
 from clipft.runner import lightning_precision
 from clipft.strategies import CPUDeepSpeedStrategy, build_strategy
 
@@ -47,17 +50,23 @@ def test_ddp_config_and_plain_names_pass_through() -> None:
     assert build_strategy(cfg.trainer) == "ddp" and cfg.trainer.devices == -1
 
 
+RECIPE = "recipes/clip_refine.yaml"
+_ARGS = [
+    "include=configs/trainer/deepspeed_zero3.yaml", "trainer.accelerator=cpu", "trainer.precision=fp32",
+    "trainer.devices=2", "data.batch_size=16", "data.synthetic.val_size=96", "eval.zeroshot=[]",
+    "eval.compositional.source=null", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+    "data.num_workers=0", "run.plot=false",
+]
+
+
 def _fit(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "clipft", "fit", "recipes/clip_refine.yaml", "include=configs/trainer/deepspeed_zero3.yaml",
-        "trainer.accelerator=cpu", "trainer.precision=fp32", "trainer.devices=2", "data.batch_size=16",
-        "data.synthetic.val_size=96", "eval.zeroshot=[]", "eval.compositional.source=null", "trainer.val_check_interval=2",
-        "trainer.enable_progress_bar=false", "data.num_workers=0", "run.plot=false", f"run.out_dir={out}", *extra,
-    ]
+    command = [sys.executable, "-m", "clipft", "fit", RECIPE, *_ARGS, f"run.out_dir={out}", *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_zero3_on_two_cpu_processes_with_a_teacher_trains_saves_and_resumes(tmp_path: Path) -> None:
+def test_zero3_on_two_cpu_processes_with_a_teacher_trains_saves_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """CLIP-Refine's frozen teacher lives outside the module tree, so ZeRO-3 partitions only
     the student; the checkpoint is a DeepSpeed folder that a run resumes from."""
     result = _fit(tmp_path, "trainer.max_steps=4")
@@ -73,3 +82,13 @@ def test_zero3_on_two_cpu_processes_with_a_teacher_trains_saves_and_resumes(tmp_
     resumed = json.loads((run / "report.json").read_text())
     assert resumed["steps"] == 6 and resumed["resumed_from"].endswith("last.ckpt")
     assert list(run.parent.iterdir()) == [run]
+    # the sharded folder consolidates to the live weights: one process re-validates them
+    state = read_state_dict(last)
+    assert len(state) == len(build_model(load_config(RECIPE, []).model).model.state_dict())
+    assert all(v.dtype == torch.float32 for v in state.values())
+    capsys.readouterr()
+    plain = [a for a in _ARGS if not a.startswith(("include=", "trainer."))] + [f"run.out_dir={tmp_path / 'check'}"]
+    assert main(["validate", RECIPE, *plain, "--ckpt", str(last)]) == 0
+    checked = json.loads(Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]).read_text())
+    for key in ("val/retrieval/mean_r1", "val/gap/centroid_distance", "val/loss"):
+        assert checked["metrics"][key] == pytest.approx(resumed["metrics"][key], abs=1e-4), key

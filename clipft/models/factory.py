@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import logging
 import math
 import os
@@ -170,11 +171,13 @@ def keep_in_eval(module: nn.Module) -> None:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read model weights from a file in any of the usual layouts: a plain state dict
     (.pt/.bin/.pth), safetensors, a dict with ``state_dict`` (open_clip training checkpoint,
-    clipft/Lightning checkpoint) and an OpenAI TorchScript archive. A ``module.`` (DDP) or
+    clipft/Lightning checkpoint), a DeepSpeed checkpoint folder and an OpenAI TorchScript archive. A ``module.`` (DDP) or
     ``model.`` (clipft) prefix is removed; a clipft checkpoint's other modules (teachers) are
     dropped."""
     path = str(path)
-    if path.endswith(".safetensors"):
+    if os.path.isdir(path):
+        state = _read_deepspeed_folder(path)
+    elif path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         state = load_file(path, device="cpu")
@@ -201,6 +204,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for key in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
         state.pop(key, None)
     return state
+
+
+def _read_deepspeed_folder(path: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint folder (a clipft run under ZeRO), gathered
+    from every rank's shard by DeepSpeed's converter."""
+    if not os.path.isfile(os.path.join(path, "latest")):
+        raise ModelError(f"model.pretrained: '{path}' is a folder but not a DeepSpeed checkpoint (no 'latest' file)")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with _quiet_root_logger(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return dict(get_fp32_state_dict_from_zero_checkpoint(path))
 
 
 def _fmt(keys: list[str], limit: int = 12) -> str:
