@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("recipe", help="recipe YAML")
     info.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    info.add_argument(
+        "--launcher", choices=["slurm", "torchrun"],
+        help="print instead a SLURM script or torchrun command for this recipe (docs/multinode.md)",
+    )
     return parser
 
 
@@ -92,6 +96,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.recipe, list(args.overrides))
         from clipft import runner
 
+        if args.verb == "info" and args.launcher:
+            from clipft.launch import launch_command
+
+            print(launch_command(cfg, args.recipe, list(args.overrides), args.launcher))
+            return 0
         if args.verb == "info":
             result = runner.info(cfg)
             print(to_yaml(cfg), end="")

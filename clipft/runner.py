@@ -95,17 +95,24 @@ def resolve_resume(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
             raise FileNotFoundError(
                 f"run.resume=last: no run named '{cfg.run.name}' with a checkpoints/last.ckpt under {root}"
             )
-        ckpt = candidates[-1]
-        return ckpt.parent.parent, ckpt
+        run_dir = candidates[-1].parent.parent
+        return run_dir, _newest_checkpoint(run_dir)
     path = Path(resume)
-    if path.is_dir():
-        if not _last_ckpt(path).is_file():
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        if not _last_ckpt(path).exists():
             raise FileNotFoundError(f"run.resume: {path} has no checkpoints/last.ckpt")
-        return path, _last_ckpt(path)
-    if path.is_file():
+        return path, _newest_checkpoint(path)
+    if path.is_file() or (path / "latest").is_file():  # a checkpoint file or DeepSpeed folder
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return run_dir, path
     raise FileNotFoundError(f"run.resume: '{resume}' is neither 'last', a run folder nor a checkpoint file")
+
+
+def _newest_checkpoint(run_dir: Path) -> Path:
+    """checkpoints/last.ckpt, or the checkpoint Lightning saved on SLURM's pre-emption signal
+    (``hpc_ckpt_<n>.ckpt`` in the run folder) when that one is further on."""
+    candidates = [_last_ckpt(run_dir), *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]
+    return max(candidates, key=lambda c: _checkpoint_step(c) or -1)
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
