@@ -1,6 +1,6 @@
 """Losses as pure functions: tensors in, tensor out (no Lightning, no model code)."""
 
-from clipft.losses.contrastive import clip_contrastive_loss, clip_logits
+from clipft.losses.contrastive import clip_contrastive_loss, clip_logits, siglip_loss
 from clipft.losses.refine import hycd, rafa, sample_references
 
-__all__ = ["clip_contrastive_loss", "clip_logits", "hycd", "rafa", "sample_references"]
+__all__ = ["clip_contrastive_loss", "clip_logits", "hycd", "rafa", "sample_references", "siglip_loss"]

@@ -76,3 +76,27 @@ def clip_contrastive_loss(
 def upcast(logits: Tensor) -> Tensor:
     """Softmax in at least fp32: bf16/fp16 logits (autocast) lose the loss's precision."""
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    all_text_features: Optional[Tensor] = None,
+    offset: int = 0,
+) -> Tensor:
+    """Sigmoid loss of SigLIP (Zhai et al., ICCV 2023, Eq. 1) for the local rows.
+
+    On one device with N pairs: L = −(1/N) Σ_i Σ_j log σ(z_ij·(s·v̂_i·t̂_j + b)), z_ij = 1 for
+    the pair (i = j) and −1 otherwise, over all N² image–text combinations. Across W devices
+    each computes its B local images against the N gathered texts (with gradients, ``offset =
+    rank·B``), divided by B: the mean over devices is the one-device loss, the same sum that
+    open_clip's exchange of text features between neighbours computes.
+    """
+    all_text = text_features if all_text_features is None else all_text_features
+    logits = upcast(logit_scale * image_features @ all_text.T + logit_bias)
+    signs = -torch.ones_like(logits)
+    rows = torch.arange(image_features.shape[0], device=logits.device)
+    signs[rows, rows + offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]

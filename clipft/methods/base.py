@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict, register_method_config, to_dict
 from clipft.data.datamodule import Batch
-from clipft.losses.contrastive import clip_contrastive_loss
+from clipft.losses.contrastive import clip_contrastive_loss, siglip_loss
 from clipft.models import ModelBundle, build_model, keep_in_eval
 
 METHODS: dict[str, type["ContrastiveMethod"]] = {}
@@ -168,16 +168,19 @@ class ContrastiveMethod(L.LightningModule):
         gathered = self.all_gather(features, sync_grads=True)
         return gathered.reshape(-1, *features.shape[1:])
 
-    def contrastive_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        """CLIP loss of the local rows against the batch of every device."""
-        rank = self.global_rank if self._trainer is not None else 0
+    def contrastive_loss(self, image_features: Tensor, text_features: Tensor, across_devices: bool = True) -> Tensor:
+        """The model's pre-training loss for the local rows against the batch of every device
+        (or of this device only): SigLIP's sigmoid loss for a model with a logit bias (SigLIP
+        models), else CLIP's."""
+        rank = self.global_rank if self._trainer is not None and across_devices else 0
+        gather = self.gather if across_devices else (lambda features: features)
+        offset = rank * image_features.shape[0]
+        if getattr(self.model, "logit_bias", None) is not None:
+            return siglip_loss(
+                image_features, text_features, self.logit_scale, self.model.logit_bias, gather(text_features), offset
+            )
         return clip_contrastive_loss(
-            image_features,
-            text_features,
-            self.logit_scale,
-            self.gather(image_features),
-            self.gather(text_features),
-            offset=rank * image_features.shape[0],
+            image_features, text_features, self.logit_scale, gather(image_features), gather(text_features), offset
         )
 
     # ------------------------------------------------------------------ the hook
@@ -211,7 +214,7 @@ class ContrastiveMethod(L.LightningModule):
         """Validation loss, and the features the retrieval callback reuses."""
         image_features = self.encode_image(batch.images)
         text_features = self.encode_text(batch.texts)
-        loss = clip_contrastive_loss(image_features, text_features, self.logit_scale)
+        loss = self.contrastive_loss(image_features, text_features, across_devices=False)
         self.log("val/loss", loss, sync_dist=True, batch_size=len(batch))
         return {"image_features": image_features.detach(), "text_features": text_features.detach()}
 

@@ -39,7 +39,6 @@ from torch import Tensor
 
 from clipft.config import ConfigError, MethodConfig
 from clipft.data.datamodule import Batch
-from clipft.losses.contrastive import clip_contrastive_loss
 from clipft.losses.refine import RAFA_PRIORS, RAFA_REDUCTIONS, hycd, rafa, sample_references
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle
@@ -152,7 +151,7 @@ class ClipRefine(ContrastiveMethod):
             contrastive = self.contrastive_loss(unit_image, unit_text)
         else:  # weight 0 (the default): logged only, on this device's batch
             with torch.no_grad():
-                contrastive = clip_contrastive_loss(unit_image, unit_text, self.logit_scale)
+                contrastive = self.contrastive_loss(unit_image, unit_text, across_devices=False)
         return {
             "contrastive": contrastive,
             "rafa": rafa(image_features, text_features, references, opts.rafa_reduction),

@@ -7,8 +7,10 @@ Duplicate classes in a batch are not masked; they count as negatives, as in FLYP
 Defaults of the paper (ImageNet, ViT-B/16): AdamW lr 1e-5, weight decay 0.1, batch 512,
 10 epochs, 500 warm-up steps then cosine to 0 (``recipes/finetune.yaml``).
 
-The base class already implements this loss, so the method is the base itself under its
-recipe name; methods that add terms override ``loss_terms``.
+For a SigLIP model (one with a logit bias) the pre-training objective is SigLIP's sigmoid
+loss (Zhai et al., ICCV 2023), and that is what it fine-tunes with. The base class already
+implements both, so the method is the base itself under its recipe name; methods that add
+terms override ``loss_terms``.
 """
 
 from __future__ import annotations

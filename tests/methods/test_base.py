@@ -98,3 +98,17 @@ def test_gather_and_offset_wiring(method: Finetune, monkeypatch: pytest.MonkeyPa
     # and the mean over both ranks' local losses is the full-batch loss
     first = clip_contrastive_loss(other_img, other_txt, s, all_img, all_txt, offset=0)
     torch.testing.assert_close((first + got) / 2, clip_contrastive_loss(all_img, all_txt, s))
+
+
+def test_a_model_with_a_logit_bias_is_trained_with_the_sigmoid_loss() -> None:
+    """SigLIP models (a logit bias, e.g. ViT-B-16-SigLIP) keep their pre-training objective."""
+    import torch.nn.functional as F
+
+    from clipft.losses import clip_contrastive_loss, siglip_loss
+
+    method = build_method(load_config(None, ["model.name=clipft-tiny-vit"]))
+    v, t = (F.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(s)), dim=1) for s in (1, 2))
+    s = method.logit_scale
+    torch.testing.assert_close(method.contrastive_loss(v, t), clip_contrastive_loss(v, t, s))
+    method.model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+    torch.testing.assert_close(method.contrastive_loss(v, t), siglip_loss(v, t, s, method.model.logit_bias))
