@@ -70,6 +70,9 @@ class ModelConfig:
     # s = 100; a high fixed s keeps a modality gap as large as real CLIP's (README: Models).
     logit_scale: Optional[float] = None
     lock_logit_scale: bool = False
+    # A learned logit bias b, started at this value: the model is then trained with SigLIP's
+    # sigmoid loss (SigLIP models have one already; open_clip's init for them: -10).
+    logit_bias: Optional[float] = None
     # A fully locked Hugging Face text tower (e.g. clipft-lit-minilm): compute each caption's
     # pooled output once and reuse it (only the projection runs each step).
     cache_locked_text: bool = True

@@ -20,6 +20,7 @@ RUNS = {
     "finetune": ["method.name=finetune"],
     "clip_refine": ["method.name=clip_refine"],  # HyCD + RaFA, normalised reading
     "clip_refine_raw_with_clip": ["method.name=clip_refine", "method.features=raw", "method.loss_weights.contrastive=1"],
+    "finetune_siglip": ["method.name=finetune", "model.logit_scale=10", "model.logit_bias=-10"],
 }
 
 

@@ -138,6 +138,11 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
             model.logit_scale.fill_(math.log(cfg.logit_scale))
     if cfg.lock_logit_scale:
         model.logit_scale.requires_grad_(False)
+    if cfg.logit_bias is not None:
+        if getattr(model, "logit_bias", None) is None:
+            model.logit_bias = nn.Parameter(torch.zeros_like(model.logit_scale.detach()))
+        with torch.no_grad():
+            model.logit_bias.fill_(cfg.logit_bias)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(cfg.name, cache_dir=cfg.cache_dir)

@@ -51,3 +51,9 @@ def test_logit_scale_can_be_set_and_locked() -> None:
     with pytest.raises(ConfigError, match="model.logit_scale"):
         load_config(None, ["model.logit_scale=200"])  # above optim.logit_scale_max (100)
     assert load_config(None, ["model.logit_scale=200", "optim.logit_scale_max=200"]).model.logit_scale == 200
+
+
+def test_logit_bias_option_adds_a_learned_bias() -> None:
+    model = build_model(ModelConfig(name="clipft-tiny-vit", logit_bias=-10.0)).model
+    assert model.logit_bias.requires_grad and model.logit_bias.item() == -10.0
+    assert "logit_bias" in model.state_dict()
