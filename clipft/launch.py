@@ -31,13 +31,12 @@ def launch_command(cfg: RunConfig, recipe: str, overrides: Sequence[str], launch
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {launcher!r} is not one of: {', '.join(LAUNCHERS)}")
     nodes, devices = _counts(cfg)
-    fit = " ".join(shlex.quote(a) for a in ["clipft", "fit", recipe, *overrides])
+    args = " ".join(shlex.quote(a) for a in [recipe, *overrides])
     if launcher == "torchrun":
         return (
             f"# on each of the {nodes} node(s), with NODE_RANK=0..{nodes - 1} and MASTER_ADDR = node 0's address:\n"
             f"torchrun --nnodes={nodes} --nproc_per_node={devices} --node_rank=$NODE_RANK "
-            f"--master_addr=$MASTER_ADDR --master_port=29500 \\\n    $(which clipft) fit "
-            + " ".join(shlex.quote(a) for a in [recipe, *overrides])
+            f"--master_addr=$MASTER_ADDR --master_port=29500 \\\n    $(which clipft) fit {args}"
         )
     gpus = f"#SBATCH --gpus-per-node={devices}\n" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") else ""
     return (
@@ -55,5 +54,5 @@ def launch_command(cfg: RunConfig, recipe: str, overrides: Sequence[str], launch
         "# and requeues the job; the requeued job continues that run from it.\n"
         'RESUME=""\n'
         'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then RESUME="run.resume=last"; fi\n'
-        f"srun {fit} $RESUME\n"
+        f"srun clipft fit {args} $RESUME\n"
     )

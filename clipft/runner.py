@@ -68,11 +68,11 @@ def _checkpoint_step(ckpt: Optional[Path]) -> Optional[int]:
         return None
     if Path(ckpt).suffix == ".safetensors":
         return None
-    if Path(ckpt).is_dir():  # a DeepSpeed checkpoint: Lightning's state is in the model-states file
+    if Path(ckpt).is_dir():  # a DeepSpeed checkpoint: Lightning's state is in rank 0's model-states file
         tag = (Path(ckpt) / "latest").read_text().strip()
-        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
-        ckpt = next((Path(ckpt) / tag / n for n in names if (Path(ckpt) / tag / n).is_file()), Path(ckpt) / tag / names[0])
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # DeepSpeed objects inside
+        # mp_rank_00_model_states.pt (ZeRO-1/2) or zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO-3)
+        states = min((Path(ckpt) / tag).glob("*mp_rank_00_model_states.pt"))
+        state = torch.load(states, map_location="cpu", weights_only=False, mmap=True)  # DeepSpeed objects inside
     else:
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     step = state.get("global_step") if isinstance(state, dict) else None
@@ -111,8 +111,10 @@ def resolve_resume(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
 def _newest_checkpoint(run_dir: Path) -> Path:
     """checkpoints/last.ckpt, or the checkpoint Lightning saved on SLURM's pre-emption signal
     (``hpc_ckpt_<n>.ckpt`` in the run folder) when that one is further on."""
-    candidates = [_last_ckpt(run_dir), *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]
-    return max(candidates, key=lambda c: _checkpoint_step(c) or -1)
+    preempted = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+    if not preempted:  # the usual case: no checkpoint to read
+        return _last_ckpt(run_dir)
+    return max([_last_ckpt(run_dir), *preempted], key=lambda c: _checkpoint_step(c) or -1)
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -337,7 +339,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     if run.report.extra.get("global_step") != trainer.global_step:
         trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
     last = _last_ckpt(run.run_dir)
-    stale = _checkpoint_step(last if last.is_file() else None) != trainer.global_step
+    stale = _checkpoint_step(last if last.exists() else None) != trainer.global_step  # a file or a DeepSpeed folder
     if trainer.strategy.broadcast(stale):  # rank 0 decides; every rank joins the save
         trainer.save_checkpoint(last, weights_only=False)  # the run ended between checkpoints
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]
