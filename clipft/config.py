@@ -118,6 +118,9 @@ class MethodConfig:
     # Weight of each named loss term; a term the method computes but that is not listed
     # has weight 1.0.
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # Keep an exponential moving average of the model, θ_ema <- m·θ_ema + (1-m)·θ after every
+    # optimizer step that stepped (fp32, in the checkpoint; DeGLA's teacher). null: none.
+    ema_momentum: Optional[float] = None
 
 
 @dataclass
@@ -157,7 +160,11 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = None
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = 1  # gradient accumulation: each batch its own negatives
+    # Encode each device's batch in micro-batches of this many pairs: activation memory of a
+    # micro-batch, while every loss still sees the whole batch (all its negatives) and the
+    # gradient is the whole batch's (open_clip's accum_freq = data.batch_size / this). null: off.
+    micro_batch_size: Optional[int] = None
     enable_progress_bar: bool = True
     deterministic: bool = False
 
@@ -415,6 +422,10 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.trainer.precision in PRECISION or cfg.trainer.precision in LIGHTNING_PRECISION, "trainer.precision",
          f"unknown precision (open_clip names: {', '.join(PRECISION)}; Lightning names: {', '.join(LIGHTNING_PRECISION)})"),
         (cfg.data.batch_size > 0, "data.batch_size", "must be > 0"),
+        (cfg.trainer.micro_batch_size is None or cfg.trainer.micro_batch_size > 0, "trainer.micro_batch_size",
+         "must be > 0 (null: encode the batch at once)"),
+        (cfg.method.get("ema_momentum") is None or 0 <= cfg.method.ema_momentum < 1, "method.ema_momentum",
+         "must be in [0, 1) (null: no EMA)"),
         (cfg.data.val_batch_size is None or cfg.data.val_batch_size > 0, "data.val_batch_size", "must be > 0"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (cfg.data.synthetic.train_size > 0 and cfg.data.synthetic.val_size > 0, "data.synthetic", "sizes must be > 0"),

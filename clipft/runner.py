@@ -31,7 +31,7 @@ from clipft.eval.tasks import build_zeroshot_task
 from clipft.logs import ContinuingCSVLogger
 from clipft.methods import ContrastiveMethod, build_method
 from clipft.strategies import build_strategy
-from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file
+from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file, read_training_state
 
 log = logging.getLogger("clipft")
 RUN_DIR_ENV = "CLIPFT_RUN_DIR"
@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 # a locked tower is in eval mode on purpose (dropout off)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# the training sampler itself resumes mid-epoch (datamodule.TrainingOrder), from the global step
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 def lightning_precision(name: str) -> str:
     """Lightning's name for an open_clip (or Lightning) precision name; validated in config."""
@@ -64,18 +66,9 @@ def apply_threads(cfg: RunConfig) -> int:
 
 
 def _checkpoint_step(ckpt: Optional[Path]) -> Optional[int]:
-    if ckpt is None:
+    if ckpt is None or Path(ckpt).suffix == ".safetensors":
         return None
-    if Path(ckpt).suffix == ".safetensors":
-        return None
-    if Path(ckpt).is_dir():  # a DeepSpeed checkpoint: Lightning's state is in rank 0's model-states file
-        tag = (Path(ckpt) / "latest").read_text().strip()
-        # mp_rank_00_model_states.pt (ZeRO-1/2) or zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO-3)
-        states = min((Path(ckpt) / tag).glob("*mp_rank_00_model_states.pt"))
-        state = torch.load(states, map_location="cpu", weights_only=False, mmap=True)  # DeepSpeed objects inside
-    else:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    step = state.get("global_step") if isinstance(state, dict) else None
+    step = read_training_state(ckpt).get("global_step")  # a .ckpt file or a DeepSpeed folder
     return int(step) if step is not None else None
 
 
@@ -194,6 +187,15 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class LoggerStepIsGlobalStep(L.Callback):
+    """Logged rows carry the global step. Lightning keeps a separate logger-step counter that,
+    restored from a checkpoint saved at the end of a validation, runs one ahead; keeping it
+    equal to the global step makes a resumed run's metrics.csv continue the same step numbers."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+
 def build_callbacks(cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path] = None) -> list[L.Callback]:
     features = ValidationFeatures()  # one encoding pass, shared by retrieval and gap
     callbacks: list[L.Callback] = [features]
@@ -271,7 +273,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
             ),
             LearningRateMonitor(logging_interval="step"),
         ]
-    callbacks.append(report)
+    callbacks += [report, LoggerStepIsGlobalStep()]
     t = cfg.trainer
     optional = {
         k: v

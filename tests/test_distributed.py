@@ -21,6 +21,8 @@ RUNS = {
     "clip_refine": ["method.name=clip_refine"],  # HyCD + RaFA, normalised reading
     "clip_refine_raw_with_clip": ["method.name=clip_refine", "method.features=raw", "method.loss_weights.contrastive=1"],
     "finetune_siglip": ["method.name=finetune", "model.logit_scale=10", "model.logit_bias=-10"],
+    # each device encodes its pairs 2 at a time (activation checkpointing inside DDP's backward)
+    "clip_refine_micro_batches": ["method.name=clip_refine", "method.loss_weights.contrastive=1", "trainer.micro_batch_size=2"],
 }
 
 

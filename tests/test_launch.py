@@ -35,6 +35,15 @@ def test_torchrun_command_and_unusable_counts(capsys: pytest.CaptureFixture[str]
     assert "trainer.devices=-1: a launcher needs the number of devices per node" in capsys.readouterr().err
 
 
+def test_multinode_block_with_zero3_gives_a_matching_launcher(capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = ["include=configs/trainer/deepspeed_zero3.yaml", "include=configs/trainer/multinode.yaml"]
+    cfg = load_config(RECIPE, blocks)
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.strategy) == (2, 8, "deepspeed_stage_3")
+    assert main(["info", RECIPE, *blocks, "--launcher", "slurm"]) == 0
+    script = capsys.readouterr().out
+    assert re.search(r"^#SBATCH --nodes=2$", script, re.M) and re.search(r"^#SBATCH --ntasks-per-node=8$", script, re.M)
+
+
 @pytest.mark.parametrize("hpc_step,expected", [(15, "hpc_ckpt_2.ckpt"), (5, "last.ckpt")])
 def test_resume_takes_the_preemption_checkpoint_when_it_is_further(tmp_path: Path, hpc_step: int, expected: str) -> None:
     run = tmp_path / "clip_refine" / "20261129-000000"

@@ -3,6 +3,7 @@ on CPU (2 processes, gloo) of a method with a frozen teacher."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -55,7 +56,10 @@ _ARGS = [
     "include=configs/trainer/deepspeed_zero3.yaml", "trainer.accelerator=cpu", "trainer.precision=fp32",
     "trainer.devices=2", "data.batch_size=16", "data.synthetic.val_size=96", "eval.zeroshot=[]",
     "eval.compositional.source=null", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-    "data.num_workers=0", "run.plot=false",
+    "data.num_workers=0", "run.plot=false", "trainer.log_every_n_steps=1",
+    # an EMA of the student beside the frozen teacher; each device's 8 pairs encoded 4 at a
+    # time; a clamp below the start's temperature (exp(logit_scale) = 200) that must hold
+    "method.ema_momentum=0.9", "trainer.micro_batch_size=4", "optim.logit_scale_max=100", "optim.lr=1e-4",
 ]
 
 
@@ -64,11 +68,20 @@ def _fit(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_zero3_on_two_cpu_processes_with_a_teacher_trains_saves_and_resumes(
+def _train_losses(run: Path) -> dict[int, float]:
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_zero3_on_two_cpu_processes_with_a_teacher_and_an_ema_trains_saves_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """CLIP-Refine's frozen teacher lives outside the module tree, so ZeRO-3 partitions only
-    the student; the checkpoint is a DeepSpeed folder that a run resumes from."""
+    """CLIP-Refine under ZeRO-3 on 2 processes: the frozen teacher and the fp32 EMA live outside
+    the module tree (never partitioned); the checkpoint is a DeepSpeed folder; a run stopped
+    after 4 steps and resumed to 6 continues the uninterrupted 6-step run exactly (same
+    batches, same losses, same EMA), and the folder consolidates to the live weights."""
+    result = _fit(tmp_path / "once", "trainer.max_steps=6")
+    assert result.returncode == 0, result.stderr[-3000:]
     result = _fit(tmp_path, "trainer.max_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
     run = next(tmp_path.glob("clip_refine/*"))
@@ -82,13 +95,25 @@ def test_zero3_on_two_cpu_processes_with_a_teacher_trains_saves_and_resumes(
     resumed = json.loads((run / "report.json").read_text())
     assert resumed["steps"] == 6 and resumed["resumed_from"].endswith("last.ckpt")
     assert list(run.parent.iterdir()) == [run]
+
+    once = next((tmp_path / "once").glob("clip_refine/*"))
+    assert sorted(_train_losses(run)) == list(range(6))
+    assert _train_losses(run) == pytest.approx(_train_losses(once), rel=1e-6, abs=1e-7)
+    ema, ema_once = read_state_dict(last, ema=True), read_state_dict(once / "checkpoints" / "last.ckpt", ema=True)
+    start = build_model(load_config(RECIPE, []).model).model.state_dict()
+    assert all(v.dtype == torch.float32 for v in ema.values())
+    for name, value in ema.items():
+        torch.testing.assert_close(value, ema_once[name], rtol=0, atol=1e-7)
+    assert not torch.equal(ema["visual.proj"], start["visual.proj"])  # the EMA moved
+
     # the sharded folder consolidates to the live weights: one process re-validates them
     state = read_state_dict(last)
-    assert len(state) == len(build_model(load_config(RECIPE, []).model).model.state_dict())
+    assert len(state) == len(start)
     assert all(v.dtype == torch.float32 for v in state.values())
+    assert state["logit_scale"].exp().item() <= 100.0 + 1e-4  # clamped in DeepSpeed's fp32 master copy too
     capsys.readouterr()
-    plain = [a for a in _ARGS if not a.startswith(("include=", "trainer."))] + [f"run.out_dir={tmp_path / 'check'}"]
-    assert main(["validate", RECIPE, *plain, "--ckpt", str(last)]) == 0
+    plain = [a for a in _ARGS if not a.startswith(("include=", "trainer.", "method.ema"))]
+    assert main(["validate", RECIPE, *plain, f"run.out_dir={tmp_path / 'check'}", "--ckpt", str(last)]) == 0
     checked = json.loads(Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]).read_text())
     for key in ("val/retrieval/mean_r1", "val/gap/centroid_distance", "val/loss"):
         assert checked["metrics"][key] == pytest.approx(resumed["metrics"][key], abs=1e-4), key

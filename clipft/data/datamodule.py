@@ -3,14 +3,14 @@ preprocess and tokenizer, as :class:`Batch` objects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipft.config import DataConfig
 from clipft.data.synthetic import SyntheticScenes, label_of
@@ -30,6 +30,14 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def chunks(self, size: int) -> list["Batch"]:
+        """Consecutive micro-batches of ``size`` rows (the last may be shorter): every field
+        holds one row per pair, so each is sliced alike."""
+        return [
+            Batch(**{f.name: getattr(self, f.name)[start:start + size] for f in fields(self)})
+            for start in range(0, len(self), size)
+        ]
 
 
 # ------------------------------------------------------------------------ fetchers
@@ -177,14 +185,16 @@ class ImageTextDataModule(L.LightningDataModule):
         pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
         world, rank = self._world()
         sampler: Optional[Sampler] = None
-        if world > 1 and train:  # a shuffled 1/world of the samples per rank; none twice
-            sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
+        if train:  # a shuffled 1/world of the samples per rank, none twice, resumable
+            sampler = TrainingOrder(len(dataset), world, rank, self.seed, batch_size)  # type: ignore[arg-type]
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:  # a resumed run continues after the last batch it trained on
+                sampler.start_at(trainer.global_step * trainer.accumulate_grad_batches)
         elif world > 1:
             sampler = ShardSampler(len(dataset), world, rank)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train,
             num_workers=cfg.num_workers,
@@ -213,6 +223,42 @@ class ImageTextDataModule(L.LightningDataModule):
         size = self.cfg.val_batch_size or self.cfg.batch_size
         transform = self._transform(self.val_fetch, self.preprocess_val)
         return self._loader(TransformedImages(self.val_fetch, transform), size, False)
+
+
+class TrainingOrder(Sampler[int]):
+    """The training order of one rank, as a stream that a resumed run continues exactly.
+
+    Data epoch e is a permutation of ``range(size)`` seeded by (seed, e), the same on every
+    rank; rank r takes every ``world``-th index from r, ``size // world`` in all (no sample
+    twice, every rank the same number of batches). Each iteration (one Lightning epoch)
+    yields the rest of the data epoch where the stream stands and moves it to the next one.
+    :meth:`start_at` puts the stream after the first n batches of the run, so a run resumed
+    after n batches trains on what the uninterrupted run would have, whatever the checkpoint
+    (mid-epoch or at the end of a run stopped by max_steps)."""
+
+    def __init__(self, size: int, world: int, rank: int, seed: int, batch_size: int) -> None:
+        self.size, self.world, self.rank, self.seed, self.batch_size = size, world, rank, seed, batch_size
+        self.per_rank = size // world
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the training data has {size} samples, {self.per_rank} per device: fewer than one batch "
+                f"(data.batch_size={batch_size}); lower data.batch_size or add data"
+            )
+        self.position = 0  # batches since the start of the run
+
+    def start_at(self, batches: int) -> None:
+        self.position = batches
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.position, self.batches_per_epoch)
+        self.position = (epoch + 1) * self.batches_per_epoch
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        mine = order[: self.per_rank * self.world][self.rank::self.world]
+        return iter(mine[offset * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
 
 
 class ShardSampler(Sampler[int]):

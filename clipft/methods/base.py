@@ -1,12 +1,21 @@
 """``ContrastiveMethod``: what every adaptation method shares.
 
 A method subclasses :class:`ContrastiveMethod`, registers itself with
-:func:`register_method`, and overrides one hook, :meth:`ContrastiveMethod.loss_terms`, that
-returns named loss terms for a batch. The base does the rest once: encoding, gathering
-features across devices with gradients, the weighted sum of the terms (each logged as
-``train/<term>``), AdamW parameter groups without weight decay on biases, norms, the logit
-scale and embeddings, linear warm-up + cosine schedule, and the logit-scale clamp after
-each optimizer step (as open_clip's training loop).
+:func:`register_method`, and overrides up to three hooks:
+
+* :meth:`~ContrastiveMethod.encode_batch` — the trained model's features of a batch, one row
+  per pair (default: unit image and text embeddings);
+* :meth:`~ContrastiveMethod.frozen_features` — rows computed without gradients, such as a
+  teacher's embeddings (default: none);
+* :meth:`~ContrastiveMethod.loss_terms` — named loss terms from those features (default: the
+  CLIP loss, or SigLIP's for a model with a logit bias).
+
+The base does the rest once: encoding in micro-batches (``trainer.micro_batch_size``),
+gathering features across devices with gradients, the weighted sum of the terms (each
+logged as ``train/<term>``), AdamW parameter groups without weight decay on biases, norms,
+the logit scale and embeddings, linear warm-up + cosine schedule, the logit-scale clamp
+after each optimizer step (as open_clip's training loop), frozen teachers and an EMA of the
+model (``method.ema_momentum``) that work under DDP and DeepSpeed ZeRO-3.
 """
 
 from __future__ import annotations
@@ -19,11 +28,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict, register_method_config, to_dict
 from clipft.data.datamodule import Batch
 from clipft.losses.contrastive import clip_contrastive_loss, siglip_loss
-from clipft.models import ModelBundle, build_model, keep_in_eval
+from clipft.models import EMA_KEY, ModelBundle, build_model, keep_in_eval
 
 METHODS: dict[str, type["ContrastiveMethod"]] = {}
 
@@ -66,6 +76,41 @@ def no_weight_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
     )
 
 
+def _has_master_weight(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")  # DeepSpeed ZeRO-3 / ZeRO-1,2, bf16
+
+
+def master_weight(param: nn.Parameter) -> Tensor:
+    """The full fp32 value of a trainable parameter: under DeepSpeed, the optimizer's master
+    copy gathered from the ranks' shards (a collective: every rank must call); otherwise the
+    parameter itself."""
+    if _has_master_weight(param):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            return full
+    return param.detach()
+
+
+@torch.no_grad()
+def clamp_parameter(param: nn.Parameter, low: float, high: float) -> None:
+    """Clamp a parameter in place, and under DeepSpeed its fp32 master copy too (else the
+    next optimizer step would copy the unclamped master back). Every rank must call."""
+    param.data.clamp_(low, high)
+    if not param.requires_grad or not _has_master_weight(param):
+        return
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    if hasattr(param, "ds_id"):  # ZeRO-3: element-wise, so each rank clamps its own shard
+        param.ds_tensor.data.clamp_(low, high)
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(low, high))
+    else:
+        full = master_weight(param)
+        if full.min() < low or full.max() > high:
+            safe_set_full_fp32_param(param, full.clamp(low, high))
+
+
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float, schedule: str) -> float:
     """LR multiplier: linear warm-up from 1/warmup to 1 over ``warmup`` steps, then cosine
     decay to ``min_ratio`` at ``total`` steps (or constant)."""
@@ -98,6 +143,14 @@ class ContrastiveMethod(L.LightningModule):
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer
         self._frozen_modules: dict[str, nn.Module] = {}
+        self._optimizer_stepped = False
+        # The EMA of the model: fp32, frozen, outside the module tree (in a dict, which
+        # nn.Module does not register) like a teacher, so that no strategy shards or casts it.
+        self._ema: dict[str, nn.Module] = {}
+        if self.cfg.method.ema_momentum is not None:
+            shadow = copy.deepcopy(self.model).float().requires_grad_(False)
+            keep_in_eval(shadow)
+            self._ema["model"] = shadow
 
     # ------------------------------------------------------------------ frozen copies
 
@@ -116,10 +169,17 @@ class ContrastiveMethod(L.LightningModule):
     def frozen_modules(self) -> dict[str, nn.Module]:
         return self._frozen_modules
 
+    @property
+    def ema(self) -> Optional[nn.Module]:
+        """The EMA of the model (``method.ema_momentum``), or None."""
+        return self._ema.get("model")
+
     def _place_frozen_modules(self) -> None:
-        # Strategies that place parameters themselves (FSDP) bypass ``_apply``.
+        # Strategies that place parameters themselves (FSDP, DeepSpeed) bypass ``_apply``.
         for module in self._frozen_modules.values():
             module.to(self.device)
+        if self.ema is not None:
+            self.ema.to(self.device)  # device only: the shadow stays fp32
 
     def on_fit_start(self) -> None:
         self._place_frozen_modules()
@@ -183,18 +243,55 @@ class ContrastiveMethod(L.LightningModule):
             image_features, text_features, self.logit_scale, gather(image_features), gather(text_features), offset
         )
 
-    # ------------------------------------------------------------------ the hook
+    # ------------------------------------------------------------------ the hooks
 
-    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
-        """Named loss terms of a training batch; the base weights and sums them."""
-        image_features = self.encode_image(batch.images)
-        text_features = self.encode_text(batch.texts)
-        return {"contrastive": self.contrastive_loss(image_features, text_features)}
+    def encode_batch(self, batch: Batch) -> dict[str, Tensor]:
+        """Features of the trained model that the loss needs, with gradients: tensors whose
+        rows follow the batch's pairs, and where row i depends on pair i only (so a batch can
+        be encoded in micro-batches)."""
+        return {"image": self.encode_image(batch.images), "text": self.encode_text(batch.texts)}
+
+    def frozen_features(self, batch: Batch) -> dict[str, Tensor]:
+        """Row-wise features computed without gradients (a teacher's embeddings); none here."""
+        return {}
+
+    def loss_terms(self, features: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """Named loss terms of a training batch from its features (``encode_batch`` and
+        ``frozen_features`` merged); the base weights and sums them."""
+        return {"contrastive": self.contrastive_loss(features["image"], features["text"])}
+
+    def batch_features(self, batch: Batch) -> dict[str, Tensor]:
+        """``encode_batch`` and ``frozen_features`` of the whole batch.
+
+        With ``trainer.micro_batch_size`` = m, the batch is encoded m pairs at a time, each
+        micro-batch under activation checkpointing: its activations are dropped after the
+        forward and recomputed during the backward, one micro-batch at a time. The loss then
+        sees every feature of the batch, so its value and gradients are those of the whole
+        batch at once (all its negatives), with the activation memory of m pairs. This is
+        what open_clip's ``accum_freq`` computes (cached features, one micro-batch re-encoded
+        with gradients at a time), as one backward pass: the parameters the loss uses
+        directly (logit scale, bias) get their gradient once, not once per micro-batch.
+        """
+        size = self.cfg.trainer.micro_batch_size
+        chunks = [batch] if size is None or size >= len(batch) else batch.chunks(size)
+        parts = []
+        for chunk in chunks:
+            live = self.encode_batch(chunk) if len(chunks) == 1 else checkpoint(
+                self.encode_batch, chunk, use_reentrant=False
+            )
+            with torch.no_grad():
+                frozen = self.frozen_features(chunk)
+            if set(live) & set(frozen):
+                raise ValueError(f"encode_batch and frozen_features both return {sorted(set(live) & set(frozen))}")
+            parts.append({**live, **frozen})
+        if len(parts) == 1:
+            return parts[0]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     # ------------------------------------------------------------------ steps
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        terms = self.loss_terms(batch)
+        terms = self.loss_terms(self.batch_features(batch), batch)
         weights = self.cfg.method.loss_weights
         unknown = set(weights) - set(terms)
         if unknown:
@@ -219,9 +316,44 @@ class ContrastiveMethod(L.LightningModule):
         return {"image_features": image_features.detach(), "text_features": text_features.detach()}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._optimizer_stepped:  # accumulating, or a step skipped for overflow
+            return
+        self._optimizer_stepped = False
         # open_clip clamps the learned temperature after every step: s = exp(t) <= max.
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(self.cfg.optim.logit_scale_max))
+        clamp_parameter(self.model.logit_scale, 0.0, math.log(self.cfg.optim.logit_scale_max))
+        if self.ema is not None:
+            self.update_ema()
+
+    # ------------------------------------------------------------------ EMA
+
+    def _mark_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._optimizer_stepped = True
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """θ_ema ← m·θ_ema + (1 − m)·θ for every trainable parameter, in fp32; buffers are
+        copied (frozen parameters never change, so their shadow is their value).
+
+        θ is the optimizer's fp32 master weight: under DeepSpeed it is gathered from the
+        ranks' shards (every rank takes part, ZeRO-3 included), so every rank keeps the same
+        full shadow, not a bf16-rounded one."""
+        assert self.ema is not None
+        momentum = self.cfg.method.ema_momentum
+        shadow = dict(self.ema.named_parameters())
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                target = shadow[name]
+                target.mul_(momentum).add_(master_weight(param).to(target), alpha=1.0 - momentum)
+        for (_, target), (_, buffer) in zip(self.ema.named_buffers(), self.model.named_buffers()):
+            target.copy_(buffer)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint[EMA_KEY] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and EMA_KEY in checkpoint:
+            self.ema.load_state_dict(checkpoint[EMA_KEY])
 
     # ------------------------------------------------------------------ optimizer
 
@@ -246,6 +378,9 @@ class ContrastiveMethod(L.LightningModule):
         optimizer = torch.optim.AdamW(
             groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=optim.fused or None
         )
+        # Runs only when the optimizer really steps: not while Lightning or DeepSpeed
+        # accumulates, nor when AMP / DeepSpeed skip a step whose gradients overflowed.
+        optimizer.register_step_post_hook(self._mark_optimizer_step)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_fraction * total)
         min_ratio = optim.min_lr / optim.lr if optim.lr > 0 else 0.0

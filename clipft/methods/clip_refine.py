@@ -114,14 +114,25 @@ class ClipRefine(ContrastiveMethod):
     def teacher_is_rebuildable(self) -> bool:
         return self.cfg.model.pretrained is not None
 
-    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+    def encode_batch(self, batch: Batch) -> dict[str, Tensor]:
+        normalize = self.options.features == "normalized"
+        return {
+            "image": self.encode_image(batch.images, normalize=normalize),
+            "text": self.encode_text(batch.texts, normalize=normalize),
+        }
+
+    def frozen_features(self, batch: Batch) -> dict[str, Tensor]:
+        normalize = self.options.features == "normalized"
+        return {
+            "teacher_image": self.teacher.encode_image(batch.images, normalize=normalize),
+            "teacher_text": self.teacher.encode_text(batch.texts, normalize=normalize),
+        }
+
+    def loss_terms(self, features: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         opts = self.options
         normalize = opts.features == "normalized"
-        image_features = self.encode_image(batch.images, normalize=normalize)
-        text_features = self.encode_text(batch.texts, normalize=normalize)
-        with torch.no_grad():
-            teacher_image = self.teacher.encode_image(batch.images, normalize=normalize)
-            teacher_text = self.teacher.encode_text(batch.texts, normalize=normalize)
+        image_features, text_features = features["image"], features["text"]
+        teacher_image, teacher_text = features["teacher_image"], features["teacher_text"]
         self.log_pair_geometry(image_features, text_features)
 
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -161,11 +172,13 @@ class ClipRefine(ContrastiveMethod):
     # The teacher is not a submodule, so it is in no state dict. A checkpoint stores its
     # fingerprint, and its weights only when model.pretrained cannot rebuild it.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[FINGERPRINT_KEY] = self.teacher_fingerprint
         if not self.teacher_is_rebuildable:
             checkpoint[TEACHER_KEY] = self.teacher.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if TEACHER_KEY in checkpoint:
             self.teacher.load_state_dict(checkpoint[TEACHER_KEY])
             self.teacher_fingerprint = fingerprint(self.teacher)

@@ -8,6 +8,7 @@ import, so ``open_clip.create_model("clipft-tiny-vit")`` works too once clipft i
 
 from clipft.models.factory import (
     CONFIG_DIR,
+    EMA_KEY,
     ModelBundle,
     ModelError,
     build_model,
@@ -15,10 +16,12 @@ from clipft.models.factory import (
     keep_in_eval,
     load_pretrained_file,
     read_state_dict,
+    read_training_state,
 )
 
 __all__ = [
     "CONFIG_DIR",
+    "EMA_KEY",
     "ModelBundle",
     "ModelError",
     "build_model",
@@ -26,4 +29,5 @@ __all__ = [
     "keep_in_eval",
     "load_pretrained_file",
     "read_state_dict",
+    "read_training_state",
 ]

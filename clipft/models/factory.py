@@ -173,13 +173,38 @@ def keep_in_eval(module: nn.Module) -> None:
     module.eval()
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+EMA_KEY = "ema_state_dict"  # a clipft checkpoint's EMA weights (method.ema_momentum)
+
+
+def read_training_state(path: str | Path) -> dict[str, Any]:
+    """The Lightning side of a clipft checkpoint (global step, loop states, hyper-parameters,
+    what methods store such as the EMA weights): the .ckpt file's dict, or for a DeepSpeed
+    checkpoint folder rank 0's model-states file (ZeRO-1/2: ``mp_rank_00_model_states.pt``,
+    ZeRO-3: ``zero_pp_rank_0_mp_rank_00_model_states.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        tag = (path / "latest").read_text().strip()
+        states = min((path / tag).glob("*mp_rank_00_model_states.pt"))
+        state = torch.load(states, map_location="cpu", weights_only=False, mmap=True)  # DeepSpeed objects inside
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict):
+        raise ModelError(f"'{path}' is not a clipft checkpoint")
+    return state
+
+
+def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """Read model weights from a file in any of the usual layouts: a plain state dict
     (.pt/.bin/.pth), safetensors, a dict with ``state_dict`` (open_clip training checkpoint,
     clipft/Lightning checkpoint), a DeepSpeed checkpoint folder and an OpenAI TorchScript archive. A ``module.`` (DDP) or
     ``model.`` (clipft) prefix is removed; a clipft checkpoint's other modules (teachers) are
-    dropped."""
+    dropped. ``ema=True``: the EMA weights of a clipft checkpoint instead of the live ones."""
     path = str(path)
+    if ema:
+        state = read_training_state(path).get(EMA_KEY)
+        if state is None:
+            raise ModelError(f"'{path}' holds no EMA weights (its run did not set method.ema_momentum)")
+        return dict(state)
     if os.path.isdir(path):
         state = _read_deepspeed_folder(path)
     elif path.endswith(".safetensors"):

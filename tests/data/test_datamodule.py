@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from PIL import Image
 
 from clipft.config import ZeroShotTaskConfig, load_config
@@ -117,7 +118,32 @@ def test_training_samples_split_across_ranks_without_duplicates() -> None:
     seen = []
     for rank in range(2):
         dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=0)
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # type: ignore[assignment]
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, global_step=0, accumulate_grad_batches=1)  # type: ignore[assignment]
         loader = dm.train_dataloader()
         seen.append(list(loader.sampler))
     assert len(seen[0]) == len(seen[1]) == 50 and not set(seen[0]) & set(seen[1])
+
+
+def test_training_order_resumes_where_the_run_stopped() -> None:
+    """The stream of batches after a resume at batch n is the uninterrupted stream from batch
+    n on, on every rank; epochs are fresh permutations shared by the ranks, split without
+    overlap."""
+    from clipft.data.datamodule import TrainingOrder
+
+    def batches(rank: int, start: int, epochs: int) -> list[list[int]]:
+        order = TrainingOrder(size=103, world=2, rank=rank, seed=7, batch_size=8)  # 51 per rank: 6 batches
+        order.start_at(start)
+        loader = DataLoader(range(103), batch_size=8, sampler=order, drop_last=True)
+        return [b.tolist() for _ in range(epochs) for b in loader]
+
+    for rank in range(2):
+        whole = batches(rank, 0, 3)
+        assert len(whole) == 18
+        for start in (4, 6, 11):  # mid-epoch, an epoch boundary, mid second epoch
+            assert batches(rank, start, 2) == whole[start:][: len(batches(rank, start, 2))], (rank, start)
+            assert batches(rank, start, 1) == whole[start:(start // 6 + 1) * 6]  # the rest of that epoch
+    first, second = TrainingOrder(103, 2, 0, 7, 8), TrainingOrder(103, 2, 1, 7, 8)
+    assert len(set(first)) == len(set(second)) == 51 and not set(first) & set(second)
+    assert batches(0, 0, 2)[6:] != batches(0, 0, 1)  # the next epoch is another permutation
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        TrainingOrder(size=10, world=2, rank=0, seed=0, batch_size=8)

@@ -48,9 +48,14 @@ def test_warmup_cosine_values() -> None:
     assert warmup_cosine(3, 100, 0, 0.0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.03)))
 
 
-def test_logit_scale_clamped_after_step(method: Finetune) -> None:
+def test_logit_scale_clamped_after_an_optimizer_step_only(method: Finetune) -> None:
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.0)
+    optimizer.register_step_post_hook(method._mark_optimizer_step)  # as configure_optimizers does
     with torch.no_grad():
         method.model.logit_scale.fill_(10.0)
+    method.on_train_batch_end(None, None, 0)  # accumulating: no step yet
+    assert method.logit_scale.item() == pytest.approx(math.exp(10.0))
+    optimizer.step()
     method.on_train_batch_end(None, None, 0)
     assert method.logit_scale.item() == pytest.approx(100.0)
 
@@ -112,3 +117,51 @@ def test_a_model_with_a_logit_bias_is_trained_with_the_sigmoid_loss() -> None:
     torch.testing.assert_close(method.contrastive_loss(v, t), clip_contrastive_loss(v, t, s))
     method.model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
     torch.testing.assert_close(method.contrastive_loss(v, t), siglip_loss(v, t, s, method.model.logit_bias))
+
+
+def _pairs(method: Finetune, n: int) -> Batch:
+    words = ["red", "blue", "green", "cyan", "small", "large", "circle", "square", "star", "cross"]
+    g = torch.Generator().manual_seed(n)
+    captions = [" ".join(words[i] for i in torch.randint(0, len(words), (4,), generator=g).tolist()) for _ in range(n)]
+    return Batch(torch.randn(n, 3, 32, 32, generator=g), method.tokenizer(captions), captions, [str(i) for i in range(n)])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model.logit_bias=-5"], ["method.name=clip_refine", "model.pretrained=synthetic", "method.loss_weights.contrastive=1"],
+     ["method.name=clip_refine", "model.pretrained=synthetic", "method.features=raw"]],
+    ids=["clip", "siglip", "clip_refine", "clip_refine_raw"],
+)
+def test_micro_batches_give_the_whole_batch_loss_and_gradients(overrides: list[str]) -> None:
+    """trainer.micro_batch_size encodes 10 pairs as 4 + 4 + 2 under activation checkpointing:
+    the loss sees all 10 pairs' features, so loss and every gradient (the logit scale's and
+    bias's included, once) equal those of the batch encoded at once."""
+    torch.manual_seed(0)
+    method = build_method(load_config(None, ["model.name=clipft-tiny-vit", *overrides]))
+    method.train()
+    batch = _pairs(method, 10)
+    results = []
+    for micro in (None, 4):
+        method.cfg.trainer.micro_batch_size = micro
+        method.zero_grad()
+        loss = method.training_step(batch, 0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}))
+    (whole, whole_grads), (split, split_grads) = results
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
+    assert whole_grads.keys() == split_grads.keys()
+    assert ("model.logit_scale" in whole_grads) == ("method.features=raw" not in overrides)  # raw: no scale used
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert whole_grads["model.visual.conv1.weight"].abs().sum() > 0
+
+
+def test_micro_batches_split_every_field_alike() -> None:
+    method = build_method(load_config(None, ["model.name=clipft-tiny-vit"]))
+    batch = _pairs(method, 5)
+    chunks = batch.chunks(2)
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    assert torch.equal(torch.cat([c.images for c in chunks]), batch.images)
+    assert torch.equal(torch.cat([c.texts for c in chunks]), batch.texts)
+    assert sum((c.captions for c in chunks), []) == batch.captions
+    assert sum((c.image_ids for c in chunks), []) == batch.image_ids

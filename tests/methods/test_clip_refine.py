@@ -37,7 +37,7 @@ def test_teacher_is_frozen_outside_the_optimizer_and_unchanged() -> None:
     assert not method.teacher.training and not any(m.training for m in method.teacher.modules())
     batch = _batch(method)
     for _ in range(3):
-        terms = method.loss_terms(batch)
+        terms = method.loss_terms(method.batch_features(batch), batch)
         (terms["rafa"] + terms["hycd"]).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -118,17 +118,19 @@ def _gap_and_shape(metrics: dict[str, float]) -> tuple[float, float]:
 def test_short_runs_of_the_two_readings_from_the_shipped_start(tmp_path: Path) -> None:
     """What benchmarks/clip_refine.py measures at length, in 30 steps (README: CLIP-Refine):
     the official code's RaFA on raw features (here alone, lr 1e-4) blows the modality gap up
-    and wrecks zero-shot; the normalised default leaves both nearly where they were."""
+    and wrecks zero-shot; the normalised default (lr 1e-5, as in the benchmark) leaves both
+    nearly where they were. (At lr 1e-4 for 30 steps its zero-shot accuracy moves with the
+    batch order, 0.48-0.675 over four orders: too unstable to assert on.)"""
     from clipft.runner import fit, validate
 
     common = ["data.batch_size=32", "data.synthetic.val_size=300", "data.num_workers=0", "run.plot=false",
               "eval.zeroshot=[{name: shape, task: shape, size: 200, ensemble: max}]", "eval.compositional.source=null",
               "trainer.enable_progress_bar=false", "trainer.val_check_interval=null", f"run.out_dir={tmp_path}",
-              "trainer.max_steps=30", "optim.lr=1e-4"]
+              "trainer.max_steps=30"]
     gap0, shape0 = _gap_and_shape(validate(load_config(RECIPE, common))["metrics"])
     assert gap0 > 0.3 and shape0 > 0.65  # a start with a gap to narrow, and zero-shot to keep
-    raw = ["method.features=raw", "method.loss_weights.hycd=0"]
+    raw = ["method.features=raw", "method.loss_weights.hycd=0", "optim.lr=1e-4"]
     gap_raw, shape_raw = _gap_and_shape(fit(load_config(RECIPE, [*common, *raw]))["metrics"])
     assert gap_raw > gap0 + 0.2 and shape_raw < shape0 - 0.2
-    gap_default, shape_default = _gap_and_shape(fit(load_config(RECIPE, common))["metrics"])
+    gap_default, shape_default = _gap_and_shape(fit(load_config(RECIPE, [*common, "optim.lr=1e-5"]))["metrics"])
     assert abs(gap_default - gap0) < 0.05 and shape_default > shape0 - 0.1
