@@ -52,6 +52,18 @@ class RunSection:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters through peft (clipft/models/lora.py); rank 0: none."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is (alpha / rank)·B·A
+    dropout: float = 0.0
+    towers: str = "both"  # image | text | both
+    # attention q, k, v, out and MLP c_fc, c_proj of every block of the chosen towers
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "out"])
+
+
+@dataclass
 class ModelConfig:
     # Any open_clip model name (ViT-B-32, RN50, ...) or one shipped by clipft (clipft-tiny-vit).
     name: str = "clipft-tiny-vit"
@@ -77,6 +89,10 @@ class ModelConfig:
     # pooled output once and reuse it (only the projection runs each step).
     cache_locked_text: bool = True
     cache_dir: Optional[str] = None  # where open_clip keeps downloaded weights
+    # LoRA adapters; every other weight is then frozen (train the logit scale too with
+    # lora_train_logit_scale).
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora_train_logit_scale: bool = False
 
 
 @dataclass

@@ -22,6 +22,7 @@ RUNS = {
     "clip_refine_raw_with_clip": ["method.name=clip_refine", "method.features=raw", "method.loss_weights.contrastive=1"],
     "finetune_siglip": ["method.name=finetune", "model.logit_scale=10", "model.logit_bias=-10"],
     # each device encodes its pairs 2 at a time (activation checkpointing inside DDP's backward)
+    "finetune_lora": ["method.name=finetune", "model.lora.rank=4", "model.lora.targets=[q,k,v,out,c_fc,c_proj]"],
     "clip_refine_micro_batches": ["method.name=clip_refine", "method.loss_weights.contrastive=1", "trainer.micro_batch_size=2"],
 }
 
@@ -41,7 +42,7 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path: Path) ->
     for name in RUNS:
         single, double = singles[name], doubles[name]
         assert double["loss"].item() == pytest.approx(single["loss"].item(), rel=1e-5), name
-        assert set(double["grads"]) == set(single["grads"]) and len(single["grads"]) > 50
+        assert set(double["grads"]) == set(single["grads"]) and len(single["grads"]) > 40
         largest = max(g.abs().max().item() for g in single["grads"].values())
         for param, grad in single["grads"].items():
             assert torch.allclose(double["grads"][param], grad, rtol=0, atol=1e-5 * largest), (name, param)

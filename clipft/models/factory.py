@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from clipft.config import ModelConfig
+from clipft.models.lora import is_adapted_state_dict, plain_state_dict
 from clipft.models.minilm import INSTALL_HINT, MINILM_MODEL, register_minilm
 from clipft.models.shipped import shipped_tags, shipped_weights
 from clipft.models.text_cache import cache_locked_text_tower
@@ -143,6 +144,16 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
             model.logit_bias = nn.Parameter(torch.zeros_like(model.logit_scale.detach()))
         with torch.no_grad():
             model.logit_bias.fill_(cfg.logit_bias)
+    if cfg.lora.rank > 0:
+        from clipft.models.lora import add_lora
+
+        lora = cfg.lora
+        try:
+            add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.towers, list(lora.targets))
+        except ValueError as err:
+            raise ModelError(str(err)) from err
+        if cfg.lora_train_logit_scale and not cfg.lock_logit_scale:
+            model.logit_scale.requires_grad_(True)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(cfg.name, cache_dir=cfg.cache_dir)
@@ -196,16 +207,20 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
 def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """Read model weights from a file in any of the usual layouts: a plain state dict
     (.pt/.bin/.pth), safetensors, a dict with ``state_dict`` (open_clip training checkpoint,
-    clipft/Lightning checkpoint), a DeepSpeed checkpoint folder and an OpenAI TorchScript archive. A ``module.`` (DDP) or
-    ``model.`` (clipft) prefix is removed; a clipft checkpoint's other modules (teachers) are
-    dropped. ``ema=True``: the EMA weights of a clipft checkpoint instead of the live ones."""
+    clipft/Lightning checkpoint), a DeepSpeed checkpoint folder and an OpenAI TorchScript
+    archive. A ``module.`` (DDP) or ``model.`` (clipft) prefix is removed; a clipft checkpoint's
+    other modules (teachers) are dropped, and LoRA adapters are merged into the weights they
+    adapt (open_clip's own names and layout come out). ``ema=True``: the EMA weights of a
+    clipft checkpoint instead of the live ones."""
     path = str(path)
+    hparams: Any = None
     if ema:
-        state = read_training_state(path).get(EMA_KEY)
+        training = read_training_state(path)
+        state, hparams = training.get(EMA_KEY), training.get("hyper_parameters")
         if state is None:
             raise ModelError(f"'{path}' holds no EMA weights (its run did not set method.ema_momentum)")
-        return dict(state)
-    if os.path.isdir(path):
+        state = dict(state)
+    elif os.path.isdir(path):
         state = _read_deepspeed_folder(path)
     elif path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -222,6 +237,7 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
         except Exception as err:
             raise ModelError(f"model.pretrained: cannot read '{path}' as weights: {err}") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        hparams = state.get("hyper_parameters")
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"model.pretrained: '{path}' does not hold a state dict of tensors")
@@ -233,7 +249,20 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
                 state = {k[len(prefix):]: v for k, v in state.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
         state.pop(key, None)
+    if is_adapted_state_dict(state):
+        state = plain_state_dict(state, _lora_scaling(path, hparams))
     return state
+
+
+def _lora_scaling(path: str, hparams: Any) -> float:
+    """α/r of the LoRA adapters in a clipft checkpoint, from the run config stored in it."""
+    if hparams is None and os.path.isdir(path):
+        hparams = read_training_state(path).get("hyper_parameters")
+    try:
+        lora = hparams["config"]["model"]["lora"]
+        return float(lora["alpha"]) / int(lora["rank"])
+    except (TypeError, KeyError, ZeroDivisionError) as err:
+        raise ModelError(f"'{path}' has LoRA adapters but no clipft run config saying their rank and alpha") from err
 
 
 def _read_deepspeed_folder(path: str) -> dict[str, torch.Tensor]:
