@@ -1,4 +1,4 @@
-"""``clipft``: fit | validate | info — recipes in, run folders out.
+"""``clipft``: fit | validate | info | export — recipes in, run folders out.
 
 Examples:
   clipft fit recipes/quickstart.yaml
@@ -6,6 +6,7 @@ Examples:
   clipft fit recipes/quickstart.yaml run.resume=last
   clipft info recipes/finetune.yaml model.name=ViT-B-32
   clipft validate recipes/quickstart.yaml ckpt=runs/quickstart/<time>/checkpoints/best.ckpt
+  clipft export runs/quickstart/<time> --out exported/quickstart
 """
 
 from __future__ import annotations
@@ -62,7 +63,37 @@ def _parser() -> argparse.ArgumentParser:
         "--launcher", choices=["slurm", "torchrun"],
         help="print instead a SLURM script or torchrun command for this recipe (docs/multinode.md)",
     )
+    export = verbs.add_parser(
+        "export",
+        help="write a run's model as open_clip weights",
+        description="Write the model of a run folder, .ckpt file or DeepSpeed checkpoint folder as open_clip's "
+        "local-dir layout (open_clip_config.json + open_clip_model.safetensors + README.md model card), so "
+        "open_clip.create_model_and_transforms('local-dir:OUT') loads it without clipft. Teachers, optimizer "
+        "and method state are left out.",
+    )
+    export.add_argument("source", help="run folder (its checkpoints/last.ckpt), .ckpt file or DeepSpeed folder")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (required for a LoRA run)")
+    export.add_argument("--wise-ft", type=float, nargs="+", metavar="ALPHA",
+                        help="WiSE-FT: θ = (1-α)·start + α·adapted; several α write OUT/wise_ft_<α>/ side by side")
+    export.add_argument("--ema", action="store_true", help="the EMA weights (method.ema_momentum) instead of the live ones")
+    export.add_argument("--format", default="local-dir", choices=["local-dir", "state-dict", "safetensors"])
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from clipft.export import ExportError, export
+    from clipft.models import ModelError
+
+    try:
+        folders = export(args.source, args.out, merge_lora=args.merge_lora, wise_ft_alphas=args.wise_ft,
+                         ema=args.ema, fmt=args.format)
+    except (ExportError, ModelError) as err:
+        print(f"clipft: error: {err}", file=sys.stderr)
+        return 2
+    for folder in folders:
+        print(f"wrote {folder}")
+    return 0
 
 
 def _prepare_environment(recipe: str, overrides: list[str]) -> None:
@@ -77,6 +108,10 @@ def _prepare_environment(recipe: str, overrides: list[str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.verb == "export":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _export(args)
     # overrides may also follow an option (clipft validate R --ckpt C key=value)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:

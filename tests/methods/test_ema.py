@@ -4,7 +4,6 @@ follows only optimizer steps that stepped, and that checkpoints keep it."""
 from __future__ import annotations
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
