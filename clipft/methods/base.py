@@ -34,6 +34,7 @@ from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict, regis
 from clipft.data.datamodule import Batch
 from clipft.losses.contrastive import clip_contrastive_loss, siglip_loss
 from clipft.models import EMA_KEY, ModelBundle, build_model, keep_in_eval
+from clipft.models.lora import adapters_disabled, has_lora
 
 METHODS: dict[str, type["ContrastiveMethod"]] = {}
 
@@ -122,6 +123,39 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float, schedule
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class BaseModelView:
+    """The base model under LoRA adapters, used as a frozen teacher without a second copy:
+    every call runs with the adapters switched off and in eval mode. Exact while the base
+    weights stay frozen (pure LoRA), which is when :meth:`ContrastiveMethod.frozen_copy`
+    makes one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Tensor:
+        training = self.model.training
+        self.model.eval()
+        try:
+            with adapters_disabled(self.model):
+                return getattr(self.model, method)(*args, **kwargs)
+        finally:
+            self.model.train(training)
+
+    def encode_image(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._call("encode_image", *args, **kwargs)
+
+    def encode_text(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._call("encode_text", *args, **kwargs)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.detach()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The base weights (adapters left out)."""
+        return {k: v for k, v in self.model.state_dict().items() if ".lora_" not in k}
+
+
 class ContrastiveMethod(L.LightningModule):
     """Base LightningModule of every method; as a method itself it is plain CLIP training."""
 
@@ -143,6 +177,7 @@ class ContrastiveMethod(L.LightningModule):
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer
         self._frozen_modules: dict[str, nn.Module] = {}
+        self._frozen_views: dict[str, BaseModelView] = {}
         self._optimizer_stepped = False
         # The EMA of the model: fp32, frozen, outside the module tree (in a dict, which
         # nn.Module does not register) like a teacher, so that no strategy shards or casts it.
@@ -154,11 +189,21 @@ class ContrastiveMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ frozen copies
 
-    def frozen_copy(self, name: str, module: nn.Module) -> nn.Module:
+    def frozen_copy(self, name: str, module: nn.Module) -> Any:
         """A frozen snapshot of ``module`` (a teacher), kept as ``self.frozen_modules[name]``:
         a deep copy without gradients, in eval mode whatever ``train()`` is called on, in no
         parameter group and no state dict (it is not a submodule), and moved with the
-        method (device, dtype)."""
+        method (device, dtype).
+
+        For a model with LoRA adapters whose other weights are all frozen, the snapshot is no
+        copy but :class:`BaseModelView`: the same model with its adapters switched off, which
+        is exactly the starting model for the whole run."""
+        if module is self.model and has_lora(module) and not any(
+            p.requires_grad for n, p in module.named_parameters() if ".lora_" not in n
+        ):
+            view = BaseModelView(module)
+            self._frozen_views[name] = view
+            return view
         snapshot = copy.deepcopy(module)
         snapshot.requires_grad_(False)
         keep_in_eval(snapshot)
@@ -166,8 +211,8 @@ class ContrastiveMethod(L.LightningModule):
         return snapshot
 
     @property
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        return self._frozen_modules
+    def frozen_modules(self) -> dict[str, Any]:
+        return {**self._frozen_modules, **self._frozen_views}
 
     @property
     def ema(self) -> Optional[nn.Module]:

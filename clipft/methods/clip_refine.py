@@ -24,6 +24,8 @@ Which one is the default, and why, is in the README (measured by ``benchmarks/cl
 The teacher is never in the optimizer or the checkpoint's state dict: it is rebuilt from
 ``model.pretrained`` when a run resumes, and stored once beside the state dict
 (``clip_refine_teacher``) only when the start cannot be rebuilt (a random initialisation).
+With LoRA adapters (``model.lora.*``) the teacher is the student's own base model with the
+adapters switched off: no second copy.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import Tensor
 from clipft.config import ConfigError, MethodConfig
 from clipft.data.datamodule import Batch
 from clipft.losses.refine import RAFA_PRIORS, RAFA_REDUCTIONS, hycd, rafa, sample_references
-from clipft.methods.base import ContrastiveMethod, register_method
+from clipft.methods.base import BaseModelView, ContrastiveMethod, register_method
 from clipft.models import ModelBundle
 
 TEACHER_KEY = "clip_refine_teacher"
@@ -112,7 +114,8 @@ class ClipRefine(ContrastiveMethod):
 
     @property
     def teacher_is_rebuildable(self) -> bool:
-        return self.cfg.model.pretrained is not None
+        """Rebuilt from model.pretrained, or the base weights under LoRA (in the state dict)."""
+        return self.cfg.model.pretrained is not None or isinstance(self.teacher, BaseModelView)
 
     def encode_batch(self, batch: Batch) -> dict[str, Tensor]:
         normalize = self.options.features == "normalized"

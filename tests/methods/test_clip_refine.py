@@ -134,3 +134,30 @@ def test_short_runs_of_the_two_readings_from_the_shipped_start(tmp_path: Path) -
     assert gap_raw > gap0 + 0.2 and shape_raw < shape0 - 0.2
     gap_default, shape_default = _gap_and_shape(fit(load_config(RECIPE, [*common, "optim.lr=1e-5"]))["metrics"])
     assert abs(gap_default - gap0) < 0.05 and shape_default > shape0 - 0.1
+
+
+def test_with_lora_the_teacher_is_the_base_model_not_a_copy() -> None:
+    """Under pure LoRA the frozen teacher is the student with its adapters off: no second set
+    of weights, and the same losses as a deep-copied teacher."""
+    from clipft.methods.base import BaseModelView
+
+    torch.manual_seed(0)
+    overrides = ["method.name=clip_refine", "model.pretrained=synthetic", "model.lora.rank=4"]
+    method = build_method(load_config(None, overrides))
+    assert isinstance(method.teacher, BaseModelView)
+    with torch.no_grad():  # trained adapters: the student differs from its start
+        for name, param in method.model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.05)
+    copied = build_method(load_config(None, overrides))
+    copied._frozen_views.clear()
+    copied.frozen_copy("teacher", build_method(load_config(None, ["model.pretrained=synthetic"])).model)
+    copied.load_state_dict(method.state_dict())
+    batch = _batch(method)
+    method.train(), copied.train()
+    view_terms = method.loss_terms(method.batch_features(batch), batch)
+    copy_terms = copied.loss_terms(copied.batch_features(batch), batch)
+    for name in ("rafa", "hycd", "contrastive"):
+        torch.testing.assert_close(view_terms[name], copy_terms[name], rtol=1e-6, atol=1e-6)
+    assert view_terms["hycd"] > 1e-4  # the student has moved away from the teacher
+    assert method.model.training  # the teacher call left the student in training mode
