@@ -117,3 +117,30 @@ def test_zero3_on_two_cpu_processes_with_a_teacher_and_an_ema_trains_saves_and_r
     checked = json.loads(Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]).read_text())
     for key in ("val/retrieval/mean_r1", "val/gap/centroid_distance", "val/loss"):
         assert checked["metrics"][key] == pytest.approx(resumed["metrics"][key], abs=1e-4), key
+
+
+def test_lora_under_zero3_saves_only_the_adapters_and_resumes(tmp_path: Path) -> None:
+    """trainer.exclude_frozen_parameters: the DeepSpeed folder holds the adapters only (the
+    base comes back from model.pretrained on resume and on reading), and reads as the full,
+    merged open_clip model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    args = [a for a in _ARGS if not a.startswith(("trainer.devices", "method.ema", "trainer.micro", "optim."))]
+    lora = ["trainer.devices=1", "model.lora.rank=4", "trainer.exclude_frozen_parameters=true", "optim.lr=1e-3"]
+
+    def fit(*extra: str) -> None:
+        command = [sys.executable, "-m", "clipft", "fit", RECIPE, *args, *lora, f"run.out_dir={tmp_path}", *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    fit("trainer.max_steps=2")
+    fit("trainer.max_steps=4", "run.resume=last")
+    last = next(tmp_path.glob("clip_refine/*")) / "checkpoints" / "last.ckpt"
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(last))
+    assert saved and all(".lora_" in k for k in saved)  # adapters only
+    state = read_state_dict(last)
+    start = build_model(load_config(RECIPE, []).model).model.state_dict()
+    assert state.keys() == start.keys()
+    assert torch.equal(state["visual.conv1.weight"], start["visual.conv1.weight"])
+    assert not torch.equal(state["transformer.resblocks.0.attn.in_proj_weight"],
+                           start["transformer.resblocks.0.attn.in_proj_weight"])

@@ -175,6 +175,13 @@ class ContrastiveMethod(L.LightningModule):
             )
         bundle = bundle if bundle is not None else build_model(self.cfg.model)
         self.model = bundle.model
+        if self.cfg.trainer.exclude_frozen_parameters:
+            if self.cfg.model.pretrained is None:
+                raise ConfigError(
+                    "trainer.exclude_frozen_parameters: checkpoints would lack the frozen weights, which only "
+                    "model.pretrained can restore; it is null (random init)"
+                )
+            self.strict_loading = False  # frozen weights come from model.pretrained, not the checkpoint
         self.tokenizer = bundle.tokenizer
         self._frozen_modules: dict[str, nn.Module] = {}
         self._frozen_views: dict[str, BaseModelView] = {}

@@ -249,6 +249,14 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
                 state = {k[len(prefix):]: v for k, v in state.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
         state.pop(key, None)
+    if hparams is None and os.path.isdir(path):
+        hparams = read_training_state(path).get("hyper_parameters")
+    run_config = (hparams or {}).get("config") if isinstance(hparams, dict) else None
+    if not ema and isinstance(run_config, dict) and run_config.get("trainer", {}).get("exclude_frozen_parameters"):
+        # a DeepSpeed checkpoint without its frozen weights: they are the run's start
+        from clipft.config import from_dict
+
+        state = {**build_model(from_dict(run_config).model).model.state_dict(), **state}
     if is_adapted_state_dict(state):
         state = plain_state_dict(state, _lora_scaling(path, hparams))
     return state
@@ -256,8 +264,6 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
 
 def _lora_scaling(path: str, hparams: Any) -> float:
     """α/r of the LoRA adapters in a clipft checkpoint, from the run config stored in it."""
-    if hparams is None and os.path.isdir(path):
-        hparams = read_training_state(path).get("hyper_parameters")
     try:
         lora = hparams["config"]["model"]["lora"]
         return float(lora["alpha"]) / int(lora["rank"])

@@ -165,3 +165,12 @@ def test_micro_batches_split_every_field_alike() -> None:
     assert torch.equal(torch.cat([c.texts for c in chunks]), batch.texts)
     assert sum((c.captions for c in chunks), []) == batch.captions
     assert sum((c.image_ids for c in chunks), []) == batch.image_ids
+
+
+def test_excluding_frozen_weights_needs_a_start_that_restores_them() -> None:
+    from clipft.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        build_method(load_config(None, ["trainer.exclude_frozen_parameters=true"]))
+    method = build_method(load_config(None, ["trainer.exclude_frozen_parameters=true", "model.pretrained=synthetic"]))
+    assert method.strict_loading is False
