@@ -104,6 +104,18 @@ class SyntheticDataConfig:
     two_object_fraction: float = 0.6
 
 
+NEGATIVE_TYPES = ("swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att")
+
+
+@dataclass
+class NegativesConfig:
+    """Negative captions per training pair (clipft/data/negatives.py), for NegCLIP/DeGLA."""
+
+    count: int = 0  # K negatives per pair; 0: none
+    # SugarCrepe types to draw from; a pair gets K of different types among those that apply
+    types: list[str] = field(default_factory=lambda: list(NEGATIVE_TYPES))
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | csv (also .tsv and .jsonl files)
@@ -124,6 +136,7 @@ class DataConfig:
     train_transform: str = "train"
     pad_fill: int = 0
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
 
 
 @dataclass
@@ -438,6 +451,9 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.trainer.precision in PRECISION or cfg.trainer.precision in LIGHTNING_PRECISION, "trainer.precision",
          f"unknown precision (open_clip names: {', '.join(PRECISION)}; Lightning names: {', '.join(LIGHTNING_PRECISION)})"),
         (cfg.data.batch_size > 0, "data.batch_size", "must be > 0"),
+        (cfg.data.negatives.count >= 0, "data.negatives.count", "must be >= 0"),
+        (all(t in NEGATIVE_TYPES for t in cfg.data.negatives.types) and len(cfg.data.negatives.types) > 0,
+         "data.negatives.types", f"choose from {', '.join(NEGATIVE_TYPES)}"),
         (cfg.trainer.micro_batch_size is None or cfg.trainer.micro_batch_size > 0, "trainer.micro_batch_size",
          "must be > 0 (null: encode the batch at once)"),
         (cfg.method.get("ema_momentum") is None or 0 <= cfg.method.ema_momentum < 1, "method.ema_momentum",

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clipft.config import load_config  # noqa: E402
-from clipft.data.datamodule import Batch  # noqa: E402
+from clipft.data.datamodule import CollatePairs  # noqa: E402
 from clipft.data.synthetic import SyntheticScenes  # noqa: E402
 from clipft.methods import build_method  # noqa: E402
 
@@ -51,11 +51,11 @@ def one_step(out: str, devices: int, overrides: list[str]) -> None:
     scenes = [SyntheticScenes(split="val", size=GLOBAL_BATCH, seed=0)[i] for i in range(GLOBAL_BATCH)]
     captions = [s["caption"] for s in scenes]
     images = torch.stack([torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 255 for s in scenes])
-    texts = method.tokenizer(captions)
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     per_rank = GLOBAL_BATCH // devices
-    local = slice(rank * per_rank, (rank + 1) * per_rank)
-    batch = Batch(images[local], texts[local], captions[local], [str(i) for i in range(GLOBAL_BATCH)][local])
+    pairs = [(image, caption, str(i)) for i, (image, caption) in enumerate(zip(images, captions))]
+    batch = CollatePairs(method.tokenizer, cfg.data.negatives, seed=0)(pairs)  # with negatives if asked
+    batch = batch.chunks(per_rank)[rank]
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

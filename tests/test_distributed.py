@@ -22,6 +22,7 @@ RUNS = {
     "clip_refine_raw_with_clip": ["method.name=clip_refine", "method.features=raw", "method.loss_weights.contrastive=1"],
     "finetune_siglip": ["method.name=finetune", "model.logit_scale=10", "model.logit_bias=-10"],
     # each device encodes its pairs 2 at a time (activation checkpointing inside DDP's backward)
+    "negclip": ["method.name=negclip", "data.negatives.count=2"],
     "finetune_lora": ["method.name=finetune", "model.lora.rank=4", "model.lora.targets=[q,k,v,out,c_fc,c_proj]"],
     "clip_refine_micro_batches": ["method.name=clip_refine", "method.loss_weights.contrastive=1", "trainer.micro_batch_size=2"],
 }

@@ -3,6 +3,8 @@ preprocess and tokenizer, as :class:`Batch` objects."""
 
 from __future__ import annotations
 
+import random
+import zlib
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -12,7 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from clipft.config import DataConfig
+from clipft.config import DataConfig, NegativesConfig
+from clipft.data.negatives import negatives as draw_negatives
 from clipft.data.synthetic import SyntheticScenes, label_of
 from clipft.data.transforms import array_transform
 from clipft.data.table import Table, load_rgb, read_table
@@ -27,6 +30,11 @@ class Batch:
     texts: torch.Tensor  # [B, L] token ids
     captions: list[str]
     image_ids: list[str]
+    # data.negatives.count = K > 0 (training): each pair's own negative captions, sample-major
+    # (row i holds pair i's: the sample axis is the index map), and which of them exist
+    negative_texts: Optional[torch.Tensor] = None  # [B, K, L] token ids
+    negative_valid: Optional[torch.Tensor] = None  # [B, K] bool
+    negative_captions: Optional[list[list[str]]] = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -35,7 +43,8 @@ class Batch:
         """Consecutive micro-batches of ``size`` rows (the last may be shorter): every field
         holds one row per pair, so each is sliced alike."""
         return [
-            Batch(**{f.name: getattr(self, f.name)[start:start + size] for f in fields(self)})
+            Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[start:start + size]
+                     for f in fields(self)})
             for start in range(0, len(self), size)
         ]
 
@@ -95,14 +104,30 @@ class TransformedImages(Dataset):
 
 
 class CollatePairs:
-    """Stack images and tokenize the batch's captions in one call (in the worker)."""
+    """Stack images and tokenize the batch's captions in one call (in the worker); with
+    ``negatives`` (K > 0), also K negative captions per pair, drawn by the rules of
+    :mod:`clipft.data.negatives` from a generator seeded by (seed, image id, caption), so a
+    pair has the same negatives in every epoch, worker and process."""
 
-    def __init__(self, tokenizer: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, tokenizer: Callable[..., torch.Tensor], negatives: Optional[NegativesConfig] = None, seed: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.negatives = negatives if negatives is not None and negatives.count > 0 else None
+        self.seed = seed
 
     def __call__(self, items: Sequence[tuple[torch.Tensor, str, str]]) -> Batch:
         images, captions, image_ids = zip(*items)
-        return Batch(torch.stack(images), self.tokenizer(list(captions)), list(captions), list(image_ids))
+        batch = Batch(torch.stack(images), self.tokenizer(list(captions)), list(captions), list(image_ids))
+        if self.negatives is not None:
+            count, types = self.negatives.count, tuple(self.negatives.types)
+            drawn = [
+                [n for _, n in draw_negatives(c, count, random.Random(zlib.crc32(f"{self.seed}|{i}|{c}".encode())), types)]
+                for c, i in zip(captions, image_ids)
+            ]
+            padded = [row + [""] * (count - len(row)) for row in drawn]
+            batch.negative_captions = drawn
+            batch.negative_texts = self.tokenizer([n for row in padded for n in row]).reshape(len(items), count, -1)
+            batch.negative_valid = torch.tensor([[k < len(row) for k in range(count)] for row in drawn])
+        return batch
 
 
 def collate_labelled(items: Sequence[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +162,7 @@ class ImageTextDataModule(L.LightningDataModule):
         }[cfg.train_transform]
         self.preprocess_val = preprocess_val
         self.collate = CollatePairs(tokenizer)
+        self.train_collate = CollatePairs(tokenizer, cfg.negatives, seed)
         self.seed = seed
         self.train_fetch: Optional[Callable[[int], Any]] = None
         self.val_fetch: Optional[Callable[[int], Any]] = None
@@ -200,7 +226,7 @@ class ImageTextDataModule(L.LightningDataModule):
             num_workers=cfg.num_workers,
             pin_memory=pin,
             persistent_workers=cfg.num_workers > 0,
-            collate_fn=self.collate,
+            collate_fn=self.train_collate if train else self.collate,
             generator=torch.Generator().manual_seed(self.seed) if train else None,
             worker_init_fn=_seed_worker,
         )

@@ -1,6 +1,7 @@
 """Losses as pure functions: tensors in, tensor out (no Lightning, no model code)."""
 
 from clipft.losses.contrastive import clip_contrastive_loss, clip_logits, siglip_loss
+from clipft.losses.hard_negatives import negclip_loss
 from clipft.losses.refine import hycd, rafa, sample_references
 
-__all__ = ["clip_contrastive_loss", "clip_logits", "hycd", "rafa", "sample_references", "siglip_loss"]
+__all__ = ["clip_contrastive_loss", "clip_logits", "hycd", "negclip_loss", "rafa", "sample_references", "siglip_loss"]

@@ -3,5 +3,6 @@
 from clipft.methods.base import METHODS, ContrastiveMethod, build_method, method_class, register_method
 from clipft.methods.clip_refine import ClipRefine
 from clipft.methods.finetune import Finetune
+from clipft.methods.negclip import NegClip
 
-__all__ = ["METHODS", "ClipRefine", "ContrastiveMethod", "Finetune", "build_method", "method_class", "register_method"]
+__all__ = ["METHODS", "ClipRefine", "ContrastiveMethod", "Finetune", "NegClip", "build_method", "method_class", "register_method"]

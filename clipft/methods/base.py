@@ -277,7 +277,9 @@ class ContrastiveMethod(L.LightningModule):
         to each device's own slice (so the loss over gathered features is exact)."""
         if self._trainer is None or self._trainer.world_size == 1:
             return features
-        gathered = self.all_gather(features, sync_grads=True)
+        if features.dtype == torch.bool:  # masks: no gradients, and gloo gathers no bool
+            return self.gather(features.to(torch.uint8)).bool()
+        gathered = self.all_gather(features, sync_grads=features.is_floating_point())
         return gathered.reshape(-1, *features.shape[1:])
 
     def contrastive_loss(self, image_features: Tensor, text_features: Tensor, across_devices: bool = True) -> Tensor:

@@ -147,3 +147,29 @@ def test_training_order_resumes_where_the_run_stopped() -> None:
     assert batches(0, 0, 2)[6:] != batches(0, 0, 1)  # the next epoch is another permutation
     with pytest.raises(ValueError, match="fewer than one batch"):
         TrainingOrder(size=10, world=2, rank=0, seed=0, batch_size=8)
+
+
+def test_training_batches_carry_each_pairs_own_negatives() -> None:
+    """data.negatives.count = K: row i of a shuffled training batch holds K negatives made from
+    caption i (an object added after it, or at most two words changed in place), tokenized in
+    place, with a validity mask; validation batches carry none."""
+
+    cfg = load_config(None, ["data.synthetic.train_size=64", "data.batch_size=16", "data.num_workers=0",
+                             "data.negatives.count=3"])
+    bundle = build_model(cfg.model)
+    dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.negative_texts.shape[:2] == (16, 3) and batch.negative_valid.shape == (16, 3)
+    for i, (caption, row) in enumerate(zip(batch.captions, batch.negative_captions)):
+        assert 1 <= len(row) <= 3 and batch.negative_valid[i].tolist() == [k < len(row) for k in range(3)]
+        for k, negative in enumerate(row):
+            assert negative != caption
+            words, original = negative.split(), caption.split()
+            changed = len(words) == len(original) and sum(a != b for a, b in zip(words, original)) <= 2
+            assert changed or negative.startswith(caption + " "), (caption, negative)
+            assert torch.equal(batch.negative_texts[i, k], bundle.tokenizer([negative])[0])
+    again = next(iter(dm.train_dataloader()))
+    assert again.negative_captions == batch.negative_captions  # seeded by the pair, not the draw
+    assert next(iter(dm.val_dataloader())).negative_texts is None
+    half = batch.chunks(10)[1]  # micro-batches slice the negatives with their pairs
+    assert half.negative_captions == batch.negative_captions[10:] and torch.equal(half.negative_valid, batch.negative_valid[10:])
