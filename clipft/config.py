@@ -114,6 +114,9 @@ class NegativesConfig:
     count: int = 0  # K negatives per pair; 0: none
     # SugarCrepe types to draw from; a pair gets K of different types among those that apply
     types: list[str] = field(default_factory=lambda: list(NEGATIVE_TYPES))
+    # csv source: read them from this column instead (a list per row, e.g. NegCLIP's
+    # neg_caption); K of each row's list are drawn per pair
+    column: Optional[str] = None
 
 
 @dataclass

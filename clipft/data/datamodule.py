@@ -84,7 +84,9 @@ class TableFetch:
     def __call__(self, index: int) -> tuple[Image.Image, Any, str]:
         path = self.table.images[index]
         text = self.table.texts[index]
-        target = text if self.label_to_index is None else self.label_to_index[text]
+        target: Any = text if self.label_to_index is None else self.label_to_index[text]
+        if self.table.negatives is not None:  # the row's own negative captions travel with it
+            target = (text, self.table.negatives[index])
         return load_rgb(path), target, str(path)
 
 
@@ -114,15 +116,21 @@ class CollatePairs:
         self.negatives = negatives if negatives is not None and negatives.count > 0 else None
         self.seed = seed
 
-    def __call__(self, items: Sequence[tuple[torch.Tensor, str, str]]) -> Batch:
-        images, captions, image_ids = zip(*items)
-        batch = Batch(torch.stack(images), self.tokenizer(list(captions)), list(captions), list(image_ids))
+    def __call__(self, items: Sequence[tuple[torch.Tensor, Any, str]]) -> Batch:
+        images, targets, image_ids = zip(*items)
+        # a table with a negatives column gives (caption, its negatives) targets
+        given = [t[1] for t in targets] if isinstance(targets[0], tuple) else None
+        captions = [t[0] for t in targets] if given is not None else list(targets)
+        batch = Batch(torch.stack(images), self.tokenizer(captions), captions, list(image_ids))
         if self.negatives is not None:
             count, types = self.negatives.count, tuple(self.negatives.types)
-            drawn = [
-                [n for _, n in draw_negatives(c, count, random.Random(zlib.crc32(f"{self.seed}|{i}|{c}".encode())), types)]
-                for c, i in zip(captions, image_ids)
-            ]
+            drawn = []
+            for index, (caption, image_id) in enumerate(zip(captions, image_ids)):
+                rng = random.Random(zlib.crc32(f"{self.seed}|{image_id}|{caption}".encode()))
+                if given is not None:  # K of the row's own list
+                    drawn.append(rng.sample(given[index], min(count, len(given[index]))))
+                else:
+                    drawn.append([n for _, n in draw_negatives(caption, count, rng, types)])
             padded = [row + [""] * (count - len(row)) for row in drawn]
             batch.negative_captions = drawn
             batch.negative_texts = self.tokenizer([n for row in padded for n in row]).reshape(len(items), count, -1)
@@ -180,14 +188,15 @@ class ImageTextDataModule(L.LightningDataModule):
         elif cfg.source == "csv":
             if not cfg.train:
                 raise ValueError("data.train: a table path is required when data.source=csv")
-            self.train_fetch = TableFetch(self._table(cfg.train))
+            self.train_fetch = TableFetch(self._table(cfg.train, negatives=True))
             self.val_fetch = TableFetch(self._table(cfg.val)) if cfg.val else None
         else:  # config validation already names the allowed values
             raise ValueError(f"data.source: unknown source '{cfg.source}'")
 
-    def _table(self, path: str) -> Table:
+    def _table(self, path: str, negatives: bool = False) -> Table:
         cfg = self.cfg
-        return read_table(path, cfg.image_key, cfg.caption_key, cfg.separator, cfg.on_bad_sample)
+        column = cfg.negatives.column if negatives and cfg.negatives.count > 0 else None
+        return read_table(path, cfg.image_key, cfg.caption_key, cfg.separator, cfg.on_bad_sample, negatives_key=column)
 
     def summary(self) -> dict[str, Any]:
         """Sizes and skipped-row counts, for the run report."""

@@ -32,6 +32,7 @@ class Table:
     texts: list[str] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # one reason per skipped row
+    negatives: Optional[list[list[str]]] = None  # per row, when a negatives column is read
 
     def __len__(self) -> int:
         return len(self.images)
@@ -74,6 +75,7 @@ def read_table(
     on_bad_sample: str = "error",
     check_images: bool = True,
     what: str = "caption",
+    negatives_key: Optional[str] = None,
 ) -> Table:
     """Read and check a table of image paths and texts.
 
@@ -83,17 +85,19 @@ def read_table(
         on_bad_sample: ``"error"`` stops at the first bad row; ``"skip"`` drops and counts it.
         check_images: open every image header (fast, no decoding) to catch unreadable files.
         what: the name of the text column's meaning in messages ("caption", "label").
+        negatives_key: a column of negative captions per row — a list (JSON Lines), or a JSON
+            or Python list literal in a CSV/TSV cell, as NegCLIP's ``neg_caption`` column.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file '{path}' not found")
-    table = Table(path=path)
+    table = Table(path=path, negatives=[] if negatives_key else None)
     root = path.parent
     rows = _rows(path, separator)
     if check_images:
         rows = _progress(rows, path)
     try:
-        _collect(rows, table, image_key, text_key, root, check_images, what, on_bad_sample)
+        _collect(rows, table, image_key, text_key, root, check_images, what, on_bad_sample, negatives_key)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from err
     if not table.images and not table.skipped:
@@ -107,13 +111,14 @@ def read_table(
 
 def _collect(
     rows: Iterator[tuple[int, dict[str, Any], list[str]]], table: Table, image_key: str, text_key: str, root: Path,
-    check_images: bool, what: str, on_bad_sample: str,
+    check_images: bool, what: str, on_bad_sample: str, negatives_key: Optional[str] = None,
 ) -> None:
     path = table.path
     first = True
+    required = [(image_key, "image path"), (text_key, what)] + ([(negatives_key, "negatives")] if negatives_key else [])
     for line_no, row, columns in rows:
         if first and columns:
-            for key, role in ((image_key, "image path"), (text_key, what)):
+            for key, role in required:
                 if key not in columns:
                     raise DataError(
                         f"{path}: missing {role} column '{key}' (columns: {', '.join(map(str, columns)) or 'none'}); "
@@ -121,6 +126,9 @@ def _collect(
                     )
             first = False
         problem = _check_row(row, image_key, text_key, root, check_images, what)
+        negatives: list[str] = []
+        if problem is None and negatives_key:
+            negatives, problem = _negative_list(row.get(negatives_key), negatives_key)
         if problem is not None:
             message = f"{path}, line {line_no}: {problem}"
             if on_bad_sample != "skip":
@@ -130,6 +138,26 @@ def _collect(
         table.images.append(root / str(row[image_key]).strip())
         table.texts.append(str(row[text_key]).strip())
         table.lines.append(line_no)
+        if table.negatives is not None:
+            table.negatives.append(negatives)
+
+
+def _negative_list(cell: Any, key: str) -> tuple[list[str], Optional[str]]:
+    """A cell of negative captions as a list of strings, or the problem with it."""
+    import ast
+
+    value = cell
+    if isinstance(cell, str):
+        try:
+            value = json.loads(cell)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(cell)
+            except (ValueError, SyntaxError):
+                return [], f"'{key}' is not a list of captions (a JSON or Python list such as [\"a red car\"])"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return [], f"'{key}' is not a list of captions"
+    return [v.strip() for v in value if v.strip()], None
 
 
 def _check_row(

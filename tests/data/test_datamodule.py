@@ -173,3 +173,29 @@ def test_training_batches_carry_each_pairs_own_negatives() -> None:
     assert next(iter(dm.val_dataloader())).negative_texts is None
     half = batch.chunks(10)[1]  # micro-batches slice the negatives with their pairs
     assert half.negative_captions == batch.negative_captions[10:] and torch.equal(half.negative_valid, batch.negative_valid[10:])
+
+
+def test_negclip_tsv_negatives_load_unchanged(tmp_path: Path, bundle) -> None:
+    """NegCLIP's published TSV layout (title, filepath, neg_caption as a Python list literal,
+    neg_image): data.negatives.column reads each row's own list; a malformed cell is an
+    error naming the file and line."""
+    from clipft.data.table import DataError
+
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    lists = [["a dog riding a man", "a man riding a cat"], ['the "wrong" caption'], ["x y z", "z y x"], ["b a"]]
+    rows = "".join(f"\t{i}\tcaption {i}\timg/{i}.png\t{lists[i]!r}\t[1, 2, 3]\n" for i in range(4))
+    (tmp_path / "train.tsv").write_text("\tid\ttitle\tfilepath\tneg_caption\tneg_image\n" + rows)
+    overrides = ["data.source=csv", f"data.train={tmp_path}/train.tsv", "data.batch_size=4", "data.caption_key=title",
+                 "data.negatives.count=1", "data.negatives.column=neg_caption", "run.monitor=train/loss"]
+    dm = ImageTextDataModule(load_config(None, overrides).data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
+    batch = next(iter(dm.train_dataloader()))
+    for caption, negatives in zip(batch.captions, batch.negative_captions):
+        assert len(negatives) == 1 and negatives[0] in lists[int(caption.split()[-1])]
+    assert batch.negative_valid.all()
+    (tmp_path / "bad.tsv").write_text("title\tfilepath\tneg_caption\ncaption 0\timg/0.png\tnot a list\n")
+    dm = ImageTextDataModule(load_config(None, [*overrides, f"data.train={tmp_path}/bad.tsv"]).data,
+                             bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
+    with pytest.raises(DataError, match=r"bad.tsv, line 2: 'neg_caption' is not a list of captions"):
+        dm.prepare_sources()
