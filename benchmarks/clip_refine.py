@@ -20,22 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arms import ROOT, run_arm, table  # noqa: E402
 
 from clipft.config import load_config  # noqa: E402
-from clipft.runner import fit, validate  # noqa: E402
+from clipft.runner import fit  # noqa: E402
 
 RAW = ["method.features=raw"]  # with gaussian references, RaFA as `code`, HyCD on raw dot products
 ARMS = {
@@ -63,23 +58,6 @@ COLUMNS = {
 }
 
 
-def run_arm(recipe: str, overrides: list[str], arm: Optional[list[str]], out: Path) -> dict[str, float]:
-    quiet = ["trainer.enable_progress_bar=false", f"run.out_dir={out}"]
-    if arm is None:
-        return validate(load_config(recipe, [*overrides, *quiet]))["metrics"]
-    return fit(load_config(recipe, [*overrides, *arm, *quiet]))["metrics"]
-
-
-def table(name: str, results: dict[str, dict[str, float]], setting: str) -> str:
-    cols = COLUMNS[name]
-    lines = [f"### {name}: {setting}", "", "| run | " + " | ".join(c for c, _ in cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
-    for arm, metrics in results.items():
-        cells = [f"{metrics[key]:.3f}" if key in metrics else "–" for _, key in cols]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def benchmark(name: str, recipe: str, overrides: list[str], lrs: list[float], setting: str, out: Path) -> str:
     """Every arm at every learning rate; the start is validated once."""
     results: dict[str, dict[str, float]] = {}
@@ -91,7 +69,7 @@ def benchmark(name: str, recipe: str, overrides: list[str], lrs: list[float], se
             extra = [] if lr is None else [*arm_overrides, f"optim.lr={lr}"]
             results[label] = run_arm(recipe, overrides, extra if lr is not None else None, folder)
             print(f"[{name}] {label}: {time.perf_counter() - start:.0f} s", flush=True)
-    text = table(name, results, setting)
+    text = table(f"{name}: {setting}", COLUMNS[name], results)
     print(text, flush=True)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     saved = ROOT / "benchmarks" / "results" / f"clip_refine_{name}.md"

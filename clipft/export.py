@@ -27,6 +27,7 @@ import torch
 
 from clipft.config import LoraSettings, RunConfig, from_dict
 from clipft.models import ModelError, build_model, read_state_dict, read_training_state
+from clipft.models.factory import _quiet_root_logger
 from clipft.models.minilm import MINILM_MODEL, register_minilm
 
 FORMATS = ("local-dir", "state-dict", "safetensors")
@@ -92,7 +93,8 @@ def _architecture(cfg: RunConfig, state: dict[str, torch.Tensor]) -> tuple[dict[
     if "logit_bias" in state and "init_logit_bias" not in model_cfg:
         model_cfg["init_logit_bias"] = float(state["logit_bias"])  # model.logit_bias added one
     bias = {"init_logit_bias": model_cfg["init_logit_bias"]} if "init_logit_bias" in model_cfg else {}
-    model = open_clip.create_model(name, pretrained=None, **bias)
+    with _quiet_root_logger():  # open_clip says "initialized randomly": the weights come next
+        model = open_clip.create_model(name, pretrained=None, **bias)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"the exported weights do not fit {name}: missing {missing[:6]}, unexpected {unexpected[:6]}")
