@@ -11,7 +11,8 @@ and the adapted model, θ = (1 − α)·θ₀ + α·θ₁, for one α or several
 A model card (``README.md``) records the base model, method, data, steps and final metrics.
 
 A method whose model has parameters open_clip does not know adds its part through
-:data:`EXTRA_WRITERS` and :func:`load_exported` reads it back.
+:data:`EXTRA_WRITERS` / :data:`EXTRA_LOADERS` (the core stays as it is) and
+:func:`load_exported` reads it back.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ FORMATS = ("local-dir", "state-dict", "safetensors")
 WEIGHTS_FILE = {"local-dir": "open_clip_model.safetensors", "state-dict": "open_clip_model.pt",
                 "safetensors": "open_clip_model.safetensors"}
 CONFIG_FILE = "open_clip_config.json"
-# method name -> writer(out_dir, checkpoint_state) for parameters open_clip has no place for
+# For a method whose model has parameters open_clip has no place for (MMRL's representation
+# tokens): method name -> writer(out_dir, checkpoint_state) that saves them beside the open_clip
+# files, and -> loader(out_dir, open_clip model) that returns the model with them attached.
 EXTRA_WRITERS: dict[str, Callable[[Path, dict[str, Any]], None]] = {}
+EXTRA_LOADERS: dict[str, Callable[[Path, torch.nn.Module], torch.nn.Module]] = {}
 
 
 class ExportError(ValueError):
@@ -186,9 +190,12 @@ def export(
         if fmt == "local-dir":
             folder_cfg = json.loads(json.dumps(model_cfg))
             config: dict[str, Any] = {"model_cfg": folder_cfg, "preprocess_cfg": preprocess}
-            tower = _write_text_tower(folder, folder_cfg, cfg.model.name)
-            if tower:  # beside model_cfg: open_clip passes model_cfg's keys to the model
-                config["clipft"] = tower
+            # clipft's own entries go beside model_cfg: open_clip passes model_cfg's keys to the model
+            extras = dict(_write_text_tower(folder, folder_cfg, cfg.model.name))
+            if cfg.method.name in EXTRA_WRITERS:
+                extras["method"] = cfg.method.name
+            if extras:
+                config["clipft"] = extras
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if cfg.method.name in EXTRA_WRITERS:
             EXTRA_WRITERS[cfg.method.name](folder, read_training_state(checkpoint))
@@ -207,12 +214,17 @@ def load_exported(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
         raise ExportError(f"{folder}: no {CONFIG_FILE} (export with --format local-dir)")
     config = json.loads(config_file.read_text())
     text_cfg = config["model_cfg"].get("text_cfg", {})
-    if "clipft" in config:  # point the text tower at this folder's copy
+    extras = config.get("clipft", {})
+    if "text_tower_source" in extras:  # point the text tower at this folder's copy
         tower = str(folder.resolve())
         if text_cfg.get("hf_model_name") != tower:
             text_cfg.update(hf_model_name=tower, hf_tokenizer_name=tower)
             config_file.write_text(json.dumps(config, indent=2))
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
+    if "method" in extras:
+        if extras["method"] not in EXTRA_LOADERS:
+            raise ExportError(f"{folder}: exported by method {extras['method']}, whose loader is not registered")
+        model = EXTRA_LOADERS[extras["method"]](folder, model)
     return model, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
 

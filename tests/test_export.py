@@ -144,3 +144,31 @@ def test_minilm_export_carries_its_text_tower_and_survives_a_move(tmp_path: Path
     got = _open_clip_embeddings(moved, images, tmp_path)  # plain open_clip, no clipft, no package path
     for key in ("image", "text"):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)
+
+
+def test_a_method_adds_its_own_part_to_the_export(tmp_path: Path, fast_overrides: list[str], monkeypatch) -> None:
+    """The extension point for methods with parameters open_clip lacks (MMRL): a registered
+    writer saves them beside the open_clip files, load_exported hands them to its loader."""
+    from clipft import export as exporting
+
+    run = _fit(fast_overrides, "recipes/quickstart.yaml", "model.pretrained=synthetic", "trainer.max_steps=2")
+    written = {}
+
+    def writer(folder: Path, state: dict) -> None:
+        torch.save({"tokens": torch.arange(3.0)}, folder / "extra.pt")
+        written["step"] = state["global_step"]
+
+    def loader(folder: Path, model: torch.nn.Module) -> torch.nn.Module:
+        model.extra_tokens = torch.load(folder / "extra.pt")["tokens"]
+        return model
+
+    monkeypatch.setitem(exporting.EXTRA_WRITERS, "finetune", writer)
+    monkeypatch.setitem(exporting.EXTRA_LOADERS, "finetune", loader)
+    export(run, tmp_path / "out")
+    assert written["step"] == 2
+    assert json.loads((tmp_path / "out" / "open_clip_config.json").read_text())["clipft"] == {"method": "finetune"}
+    model, _, _ = load_exported(tmp_path / "out")
+    assert torch.equal(model.extra_tokens, torch.arange(3.0))
+    monkeypatch.delitem(exporting.EXTRA_LOADERS, "finetune")
+    with pytest.raises(ExportError, match="loader is not registered"):
+        load_exported(tmp_path / "out")
