@@ -140,6 +140,10 @@ class DataConfig:
     pad_fill: int = 0
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    # NegCLIP's hard images: every training pair brings one of its image's k nearest
+    # neighbours (starting model's embedding, computed once and cached) as an extra pair, so a
+    # batch holds 2 x data.batch_size pairs. 0: off (NegCLIP: 3).
+    hard_images: int = 0
 
 
 @dataclass
@@ -455,6 +459,7 @@ def _check_values(cfg: DictConfig) -> None:
          f"unknown precision (open_clip names: {', '.join(PRECISION)}; Lightning names: {', '.join(LIGHTNING_PRECISION)})"),
         (cfg.data.batch_size > 0, "data.batch_size", "must be > 0"),
         (cfg.data.negatives.count >= 0, "data.negatives.count", "must be >= 0"),
+        (cfg.data.hard_images >= 0, "data.hard_images", "must be >= 0 (0: off)"),
         (all(t in NEGATIVE_TYPES for t in cfg.data.negatives.types) and len(cfg.data.negatives.types) > 0,
          "data.negatives.types", f"choose from {', '.join(NEGATIVE_TYPES)}"),
         (cfg.trainer.micro_batch_size is None or cfg.trainer.micro_batch_size > 0, "trainer.micro_batch_size",

@@ -238,6 +238,13 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=cfg.run.seed
     )
     datamodule.prepare_sources()
+    if stage == "fit" and cfg.data.hard_images > 0:
+        model = bundle.model
+        was_training = model.training
+        model.eval()
+        datamodule.model_key = (cfg.model.name, cfg.model.pretrained)
+        datamodule.hard_image_candidates(model.encode_image, cfg.data.hard_images, Path(cfg.run.out_dir) / ".cache")
+        model.train(was_training)
     callbacks = build_callbacks(cfg, bundle, run_dir)
     method = build_method(cfg, bundle)
     if stage == "fit":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
@@ -15,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipft.config import DataConfig, NegativesConfig
+from clipft.data.hard_images import WithHardImages
 from clipft.data.negatives import negatives as draw_negatives
 from clipft.data.synthetic import SyntheticScenes, label_of
 from clipft.data.transforms import array_transform
@@ -138,6 +140,10 @@ class CollatePairs:
         return batch
 
 
+def stack_images(items: Sequence[tuple[torch.Tensor, Any, str]]) -> torch.Tensor:
+    return torch.stack([item[0] for item in items])
+
+
 def collate_labelled(items: Sequence[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels, _ = zip(*items)
     return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
@@ -173,6 +179,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_collate = CollatePairs(tokenizer, cfg.negatives, seed)
         self.seed = seed
         self.train_fetch: Optional[Callable[[int], Any]] = None
+        self.hard_neighbours: Optional[torch.Tensor] = None  # [N, k] (data.hard_images), set by the runner
+        self.model_key: tuple[Any, ...] = ()  # names the starting model in cache keys
         self.val_fetch: Optional[Callable[[int], Any]] = None
 
     def prepare_sources(self) -> None:
@@ -220,18 +228,21 @@ class ImageTextDataModule(L.LightningDataModule):
         pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
         world, rank = self._world()
         sampler: Optional[Sampler] = None
+        batches: dict[str, Any] = {"batch_size": batch_size, "drop_last": train}
         if train:  # a shuffled 1/world of the samples per rank, none twice, resumable
             sampler = TrainingOrder(len(dataset), world, rank, self.seed, batch_size)  # type: ignore[arg-type]
             trainer = getattr(self, "trainer", None)
             if trainer is not None:  # a resumed run continues after the last batch it trained on
                 sampler.start_at(trainer.global_step * trainer.accumulate_grad_batches)
+            if self.hard_neighbours is not None:  # each batch followed by its pairs' hard images
+                batches = {"batch_sampler": WithHardImages(sampler, batch_size, self.hard_neighbours, self.seed)}
+                sampler = None
         elif world > 1:
             sampler = ShardSampler(len(dataset), world, rank)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
-            batch_size=batch_size,
             sampler=sampler,
-            drop_last=train,
+            **batches,
             num_workers=cfg.num_workers,
             pin_memory=pin,
             persistent_workers=cfg.num_workers > 0,
@@ -244,6 +255,33 @@ class ImageTextDataModule(L.LightningDataModule):
         if isinstance(fetch, SyntheticFetch):
             return array_transform(preprocess, fetch.scenes.image_size)
         return preprocess
+
+    def hard_image_candidates(self, encode: Callable[[torch.Tensor], torch.Tensor], k: int, cache_dir: Path) -> None:
+        """Find every training image's k nearest neighbours with ``encode`` (the starting
+        model), cached next to the data (a table) or in ``cache_dir`` (the synthetic set)."""
+        from clipft.data.hard_images import cache_key, cached, encode_images, nearest_neighbours
+
+        self.prepare_sources()
+        fetch = self.train_fetch
+        assert fetch is not None
+        if isinstance(fetch, TableFetch):
+            stat = fetch.table.path.stat()
+            key = cache_key(fetch.table.path.resolve(), stat.st_size, stat.st_mtime_ns, k, *self.model_key)
+            path = fetch.table.path.with_name(f"{fetch.table.path.name}.hard-images-{key}.pt")
+            ids = [str(p) for p in fetch.table.images]
+        else:
+            s = self.cfg.synthetic
+            key = cache_key("synthetic", s.seed, s.train_size, s.image_size, s.two_object_fraction, k, *self.model_key)
+            path = cache_dir / f"hard-images-{key}.pt"
+            ids = [f"{i}" for i in range(len(fetch))]  # type: ignore[arg-type]
+        dataset = TransformedImages(fetch, self._transform(fetch, self.preprocess_val))
+
+        def compute() -> torch.Tensor:
+            loader = DataLoader(dataset, batch_size=self.cfg.val_batch_size or 256, num_workers=self.cfg.num_workers,
+                                collate_fn=stack_images)
+            return nearest_neighbours(encode_images(encode, loader), ids, k)
+
+        self.hard_neighbours = cached(path, compute)
 
     def train_dataloader(self) -> DataLoader:
         self.prepare_sources()
