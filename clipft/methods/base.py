@@ -186,6 +186,7 @@ class ContrastiveMethod(L.LightningModule):
         self._frozen_modules: dict[str, nn.Module] = {}
         self._frozen_views: dict[str, BaseModelView] = {}
         self._optimizer_stepped = False
+        self._checked_gradients = False
         # The EMA of the model: fp32, frozen, outside the module tree (in a dict, which
         # nn.Module does not register) like a teacher, so that no strategy shards or casts it.
         self._ema: dict[str, nn.Module] = {}
@@ -282,20 +283,19 @@ class ContrastiveMethod(L.LightningModule):
         gathered = self.all_gather(features, sync_grads=features.is_floating_point())
         return gathered.reshape(-1, *features.shape[1:])
 
-    def contrastive_loss(self, image_features: Tensor, text_features: Tensor, across_devices: bool = True) -> Tensor:
+    def contrastive_loss(
+        self, image_features: Tensor, text_features: Tensor, across_devices: bool = True, scale: Optional[Tensor] = None
+    ) -> Tensor:
         """The model's pre-training loss for the local rows against the batch of every device
         (or of this device only): SigLIP's sigmoid loss for a model with a logit bias (SigLIP
-        models), else CLIP's."""
+        models), else CLIP's; with the model's logit scale unless ``scale`` is given."""
         rank = self.global_rank if self._trainer is not None and across_devices else 0
         gather = self.gather if across_devices else (lambda features: features)
         offset = rank * image_features.shape[0]
+        scale = self.logit_scale if scale is None else scale
         if getattr(self.model, "logit_bias", None) is not None:
-            return siglip_loss(
-                image_features, text_features, self.logit_scale, self.model.logit_bias, gather(text_features), offset
-            )
-        return clip_contrastive_loss(
-            image_features, text_features, self.logit_scale, gather(image_features), gather(text_features), offset
-        )
+            return siglip_loss(image_features, text_features, scale, self.model.logit_bias, gather(text_features), offset)
+        return clip_contrastive_loss(image_features, text_features, scale, gather(image_features), gather(text_features), offset)
 
     # ------------------------------------------------------------------ the hooks
 
@@ -368,6 +368,26 @@ class ContrastiveMethod(L.LightningModule):
         loss = self.contrastive_loss(image_features, text_features, across_devices=False)
         self.log("val/loss", loss, sync_dist=True, batch_size=len(batch))
         return {"image_features": image_features.detach(), "text_features": text_features.detach()}
+
+    def on_after_backward(self) -> None:
+        # A trainable parameter that the loss never uses gets no gradient. DDP (which does
+        # not look for unused parameters) then never averages the bucket it sits in, and the
+        # step silently uses one device's gradients: fail at once instead. (DeepSpeed keeps
+        # gradients in its own buffers: nothing to check there.)
+        if self._checked_gradients or self._trainer is None:
+            return
+        self._checked_gradients = True
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return
+        unused = [n for n, p in self.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            raise RuntimeError(
+                f"method {self.cfg.method.name}: trainable parameters that the loss does not use: "
+                f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}. Freeze them (requires_grad=False): "
+                "under DDP they would leave gradients unsynchronised"
+            )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._optimizer_stepped:  # accumulating, or a step skipped for overflow

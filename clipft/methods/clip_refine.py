@@ -103,6 +103,8 @@ class ClipRefine(ContrastiveMethod):
             raise ConfigError(f"method.hycd_alpha={opts.hycd_alpha} must be in [0, 1]")
         if opts.hycd_temperature <= 0 or opts.rafa_std < 0:
             raise ConfigError("method.hycd_temperature must be > 0 and method.rafa_std >= 0")
+        if not self.options.hycd_logit_scale and self.cfg.method.loss_weights.get("contrastive", 1.0) == 0:
+            self.model.logit_scale.requires_grad_(False)  # no term uses it (raw reading without CLIP)
         # The starting weights: the student is built from model.pretrained, so at this point it
         # is the start (a resumed run loads its own weights into the student afterwards).
         self.frozen_copy("teacher", self.model)

@@ -174,3 +174,17 @@ def test_excluding_frozen_weights_needs_a_start_that_restores_them() -> None:
         build_method(load_config(None, ["trainer.exclude_frozen_parameters=true"]))
     method = build_method(load_config(None, ["trainer.exclude_frozen_parameters=true", "model.pretrained=synthetic"]))
     assert method.strict_loading is False
+
+
+def test_a_trainable_parameter_the_loss_never_uses_stops_the_first_step() -> None:
+    """Under DDP such a parameter would leave its gradient bucket unsynchronised (the step
+    silently uses one device's gradients), so the base refuses it on every strategy."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    method = build_method(load_config(None, ["model.name=clipft-tiny-vit", "optim.fused=false"]))
+    method.model.unused_weight = torch.nn.Parameter(torch.zeros(3))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="does not use: model.unused_weight"):
+        trainer.fit(method, train_dataloaders=DataLoader([_pairs(method, 4)], batch_size=None))
