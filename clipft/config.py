@@ -105,6 +105,8 @@ class SyntheticDataConfig:
 
 
 NEGATIVE_TYPES = ("swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att")
+# also allowed: ARO's order perturbation, which DeGLA trains on (then do not report ARO's Order scores)
+NEGATIVE_TYPE_CHOICES = (*NEGATIVE_TYPES, "shuffle")
 
 
 @dataclass
@@ -460,8 +462,8 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.data.batch_size > 0, "data.batch_size", "must be > 0"),
         (cfg.data.negatives.count >= 0, "data.negatives.count", "must be >= 0"),
         (cfg.data.hard_images >= 0, "data.hard_images", "must be >= 0 (0: off)"),
-        (all(t in NEGATIVE_TYPES for t in cfg.data.negatives.types) and len(cfg.data.negatives.types) > 0,
-         "data.negatives.types", f"choose from {', '.join(NEGATIVE_TYPES)}"),
+        (all(t in NEGATIVE_TYPE_CHOICES for t in cfg.data.negatives.types) and len(cfg.data.negatives.types) > 0,
+         "data.negatives.types", f"choose from {', '.join(NEGATIVE_TYPE_CHOICES)}"),
         (cfg.trainer.micro_batch_size is None or cfg.trainer.micro_batch_size > 0, "trainer.micro_batch_size",
          "must be > 0 (null: encode the batch at once)"),
         (cfg.method.get("ema_momentum") is None or 0 <= cfg.method.ema_momentum < 1, "method.ema_momentum",

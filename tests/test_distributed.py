@@ -23,6 +23,7 @@ RUNS = {
     "finetune_siglip": ["method.name=finetune", "model.logit_scale=10", "model.logit_bias=-10"],
     # each device encodes its pairs 2 at a time (activation checkpointing inside DDP's backward)
     "negclip": ["method.name=negclip", "data.negatives.count=2"],
+    "degla": ["method.name=degla", "data.negatives.count=2", "method.loss_weights.distill=1"],
     # every mixup term on, with partners and mixes across the devices' boundary
     "m3mix": ["method.name=mixup", "method.loss_weights.vv=0.05", "method.loss_weights.ll=0.05", "method.loss_weights.vl=0.1",
               "method.loss_weights.m2mix=0.5"],

@@ -2,8 +2,9 @@
 
 from clipft.methods.base import METHODS, ContrastiveMethod, build_method, method_class, register_method
 from clipft.methods.clip_refine import ClipRefine
+from clipft.methods.degla import Degla
 from clipft.methods.finetune import Finetune
 from clipft.methods.mixup import Mixup
 from clipft.methods.negclip import NegClip
 
-__all__ = ["METHODS", "ClipRefine", "ContrastiveMethod", "Finetune", "Mixup", "NegClip", "build_method", "method_class", "register_method"]
+__all__ = ["METHODS", "ClipRefine", "Degla", "ContrastiveMethod", "Finetune", "Mixup", "NegClip", "build_method", "method_class", "register_method"]

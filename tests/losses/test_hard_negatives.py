@@ -59,3 +59,52 @@ def test_negclip_loss_across_devices_equals_one_device() -> None:
     # the same batch in another order (each pair with its own negatives) gives the same loss
     order = torch.tensor([3, 0, 5, 1, 4, 2])
     torch.testing.assert_close(negclip_loss(v[order], t[order], n[order], valid[order], s), whole)
+
+
+def _own_ce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, valid: torch.Tensor, s: float) -> float:
+    total = 0.0
+    for i in range(len(anchors)):
+        logits = [s * float(anchors[i] @ positives[i])]
+        logits += [s * float(anchors[i] @ negatives[i, k]) for k in range(negatives.shape[1]) if valid[i, k]]
+        total -= logits[0] - math.log(sum(math.exp(x) for x in logits))
+    return total / len(anchors)
+
+
+def test_degla_local_terms_are_their_equations_on_each_samples_own_negatives() -> None:
+    from clipft.losses import distillation_loss, image_grounded_contrast, text_grounded_contrast
+
+    v, t, teacher_t = _unit(5, 6, seed=11), _unit(5, 6, seed=12), _unit(5, 6, seed=13)
+    n = _unit(5, 3, 6, seed=14)
+    valid = torch.ones(5, 3, dtype=torch.bool)
+    valid[2, 1] = False
+    s = torch.tensor(20.0, dtype=torch.float64)
+    igc = image_grounded_contrast(v, t, n, valid, s)
+    assert igc.item() == pytest.approx(_own_ce(v, t, n, valid, 20.0), rel=1e-10)
+    tgc = text_grounded_contrast(t, teacher_t, n, valid)
+    assert tgc.item() == pytest.approx(_own_ce(t, teacher_t, n, valid, 10.0), rel=1e-10)
+    # own negatives: handing row i another sample's negatives changes the loss (the released
+    # code's type-major mask on a sample-major batch does exactly that)
+    assert not torch.isclose(text_grounded_contrast(t, teacher_t, n.roll(1, 0), valid.roll(1, 0)), tgc)
+    # per-sample terms: the mean of two devices' halves is the whole
+    halves = [image_grounded_contrast(v[:2], t[:2], n[:2], valid[:2], s), image_grounded_contrast(v[2:4], t[2:4], n[2:4], valid[2:4], s)]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, image_grounded_contrast(v[:4], t[:4], n[:4], valid[:4], s))
+    # distillation: Σ‖·‖² over all rows (x devices, so the devices' mean is the one-device sum), or per row
+    student, teacher = [v, t], [teacher_t, t]
+    whole = ((v - teacher_t) ** 2).sum()
+    torch.testing.assert_close(distillation_loss(student, teacher), whole)
+    torch.testing.assert_close(distillation_loss(student, teacher, "mean"), whole / 5)
+    parts = [distillation_loss([v[:2]], [teacher_t[:2]], world_size=2), distillation_loss([v[2:4]], [teacher_t[2:4]], world_size=2)]
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, distillation_loss([v[:4]], [teacher_t[:4]]))
+
+
+def test_absent_negatives_leave_every_gradient_finite() -> None:
+    """-inf for an absent negative is set after the learned scale multiplies the logits:
+    before, its gradient with respect to the scale was 0·(−inf) = NaN."""
+    from clipft.losses import image_grounded_contrast
+
+    v, t, n = _unit(3, 4, seed=20), _unit(3, 4, seed=21), _unit(3, 2, 4, seed=22)
+    valid = torch.tensor([[True, False], [False, False], [True, True]])
+    for loss in (image_grounded_contrast, negclip_loss):
+        scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+        loss(v, t, n, valid, scale).backward()
+        assert torch.isfinite(scale.grad)
