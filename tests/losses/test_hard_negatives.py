@@ -108,3 +108,23 @@ def test_absent_negatives_leave_every_gradient_finite() -> None:
         scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
         loss(v, t, n, valid, scale).backward()
         assert torch.isfinite(scale.grad)
+
+
+def test_tgc_would_fail_with_the_released_codes_negative_mask() -> None:
+    """The released TGC builds its mask with ``repeat(1, K)`` (type-major: column k·B + j is
+    sample j's) over negatives stored sample-major (row B + i·K + k is sample i's): row i then
+    meets negatives of samples ⌊i/K⌋, ⌊(i+B)/K⌋, ... Reproduce that indexing and check that
+    clipft's value is the own-negatives equation, not that one."""
+    from clipft.losses import text_grounded_contrast
+
+    count, k = 4, 2
+    t, teacher_t, n = _unit(count, 5, seed=30), _unit(count, 5, seed=31), _unit(count, k, 5, seed=32)
+    valid = torch.ones(count, k, dtype=torch.bool)
+    flat = n.reshape(count * k, 5)  # sample-major, as the batch holds them
+    released = n.clone()
+    for i in range(count):
+        for kk in range(k):
+            released[i, kk] = flat[kk * count + i]  # type-major reading of a sample-major list
+    ours = text_grounded_contrast(t, teacher_t, n, valid)
+    assert ours.item() == pytest.approx(_own_ce(t, teacher_t, n, valid, 10.0), rel=1e-10)
+    assert abs(ours.item() - _own_ce(t, teacher_t, released, valid, 10.0)) > 1e-3
