@@ -1,10 +1,15 @@
-"""What the method benchmarks share: run one arm (a fit, or the start validated), and print a
-markdown table of chosen metrics, one row per arm."""
+"""What the method benchmarks share: run one arm (a fit, or the start validated), print a
+markdown table of chosen metrics, one row per arm, and the command line of a benchmark that
+runs every arm of one recipe with the same steps and learning rate."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -34,3 +39,30 @@ def table(title: str, columns: list[tuple[str, str]], results: dict[str, dict[st
         cells = [f"{metrics[key]:.3f}" if key in metrics else "–" for _, key in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compare(
+    description: str, name: str, recipe: str, arms: dict[str, Optional[list[str]]], columns: list[tuple[str, str]],
+    setting: str, default_lr: float = 2e-5,
+) -> None:
+    """Parse ``--steps/--lr/--out``, run every arm of ``recipe`` with those steps and learning
+    rate, print the table (``setting`` may use {steps} and {lr}) and save it as
+    benchmarks/results/<name>.md."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=default_lr)
+    parser.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"{name}_bench_"))
+    common = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}", "run.plot=false",
+              f"optim.lr={args.lr}"]
+    results = {}
+    for label, arm in arms.items():
+        start = time.perf_counter()
+        results[label] = run_arm(recipe, common, arm, out / label.replace(" ", "_").replace(",", ""))
+        print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
+    text = table(setting.format(steps=args.steps, lr=f"{args.lr:g}"), columns, results)
+    print(text)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (ROOT / "benchmarks" / "results" / f"{name}.md").write_text(text + "\n")
+    print(f"run folders: {out}")

@@ -14,15 +14,11 @@ Prints the table and writes it to benchmarks/results/negclip_synthetic.md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arms import ROOT, run_arm, table  # noqa: E402
+from arms import ROOT, compare  # noqa: E402
 
 DEGLA_TYPES = "data.negatives.types=[shuffle,swap_obj,swap_att,replace_att,replace_obj]"
 ARMS = {
@@ -44,28 +40,9 @@ COLUMNS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
-    args = parser.parse_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="negclip_bench_"))
-    recipe = str(ROOT / "recipes" / "negclip.yaml")
-    common = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}", "run.plot=false",
-              f"optim.lr={args.lr}"]
-    results = {}
-    for label, arm in ARMS.items():
-        start = time.perf_counter()
-        results[label] = run_arm(recipe, common, arm, out / label.replace(" ", "_").replace(",", ""))
-        print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
-    setting = (f"clipft-tiny-vit `synthetic` start, {args.steps} steps of batch 128 on synthetic stream seed 1, "
-               f"lr {args.lr:g} (50 warm-up steps, cosine), weight decay 0.2; held-out scenes")
-    text = table(f"NegCLIP and DeGLA vs plain fine-tuning: {setting}", COLUMNS, results)
-    print(text)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    saved = ROOT / "benchmarks" / "results" / "negclip_synthetic.md"
-    saved.write_text(text + "\n")
-    print(f"run folders: {out}")
+    compare(__doc__.split("\n\n")[0], "negclip_synthetic", str(ROOT / "recipes" / "negclip.yaml"), ARMS, COLUMNS,
+            "NegCLIP and DeGLA vs plain fine-tuning: clipft-tiny-vit `synthetic` start, {steps} steps of batch 128 on synthetic stream seed 1, "
+            "lr {lr} (50 warm-up steps, cosine), weight decay 0.2; held-out scenes")
 
 
 if __name__ == "__main__":

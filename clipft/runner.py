@@ -242,8 +242,8 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         model = bundle.model
         was_training = model.training
         model.eval()
-        datamodule.model_key = (cfg.model.name, cfg.model.pretrained)
-        datamodule.hard_image_candidates(model.encode_image, cfg.data.hard_images, Path(cfg.run.out_dir) / ".cache")
+        datamodule.hard_image_candidates(model.encode_image, cfg.data.hard_images, Path(cfg.run.out_dir) / ".cache",
+                                         model_key=(cfg.model.name, cfg.model.pretrained))
         model.train(was_training)
     callbacks = build_callbacks(cfg, bundle, run_dir)
     method = build_method(cfg, bundle)

@@ -180,7 +180,6 @@ class ImageTextDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_fetch: Optional[Callable[[int], Any]] = None
         self.hard_neighbours: Optional[torch.Tensor] = None  # [N, k] (data.hard_images), set by the runner
-        self.model_key: tuple[Any, ...] = ()  # names the starting model in cache keys
         self.val_fetch: Optional[Callable[[int], Any]] = None
 
     def prepare_sources(self) -> None:
@@ -256,9 +255,12 @@ class ImageTextDataModule(L.LightningDataModule):
             return array_transform(preprocess, fetch.scenes.image_size)
         return preprocess
 
-    def hard_image_candidates(self, encode: Callable[[torch.Tensor], torch.Tensor], k: int, cache_dir: Path) -> None:
+    def hard_image_candidates(
+        self, encode: Callable[[torch.Tensor], torch.Tensor], k: int, cache_dir: Path, model_key: tuple[Any, ...]
+    ) -> None:
         """Find every training image's k nearest neighbours with ``encode`` (the starting
-        model), cached next to the data (a table) or in ``cache_dir`` (the synthetic set)."""
+        model, named by ``model_key`` in the cache key), cached next to the data (a table) or
+        in ``cache_dir`` (the synthetic set)."""
         from clipft.data.hard_images import cache_key, cached, encode_images, nearest_neighbours
 
         self.prepare_sources()
@@ -266,12 +268,12 @@ class ImageTextDataModule(L.LightningDataModule):
         assert fetch is not None
         if isinstance(fetch, TableFetch):
             stat = fetch.table.path.stat()
-            key = cache_key(fetch.table.path.resolve(), stat.st_size, stat.st_mtime_ns, k, *self.model_key)
+            key = cache_key(fetch.table.path.resolve(), stat.st_size, stat.st_mtime_ns, k, *model_key)
             path = fetch.table.path.with_name(f"{fetch.table.path.name}.hard-images-{key}.pt")
             ids = [str(p) for p in fetch.table.images]
         else:
             s = self.cfg.synthetic
-            key = cache_key("synthetic", s.seed, s.train_size, s.image_size, s.two_object_fraction, k, *self.model_key)
+            key = cache_key("synthetic", s.seed, s.train_size, s.image_size, s.two_object_fraction, k, *model_key)
             path = cache_dir / f"hard-images-{key}.pt"
             ids = [f"{i}" for i in range(len(fetch))]  # type: ignore[arg-type]
         dataset = TransformedImages(fetch, self._transform(fetch, self.preprocess_val))

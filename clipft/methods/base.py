@@ -273,6 +273,10 @@ class ContrastiveMethod(L.LightningModule):
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.exp()
 
+    def world_and_rank(self) -> tuple[int, int]:
+        """(number of devices, this device's rank); (1, 0) outside a Trainer."""
+        return (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+
     def gather(self, features: Tensor) -> Tensor:
         """Features of all devices, concatenated in rank order, with gradients flowing back
         to each device's own slice (so the loss over gathered features is exact)."""
@@ -289,7 +293,7 @@ class ContrastiveMethod(L.LightningModule):
         """The model's pre-training loss for the local rows against the batch of every device
         (or of this device only): SigLIP's sigmoid loss for a model with a logit bias (SigLIP
         models), else CLIP's; with the model's logit scale unless ``scale`` is given."""
-        rank = self.global_rank if self._trainer is not None and across_devices else 0
+        rank = self.world_and_rank()[1] if across_devices else 0
         gather = self.gather if across_devices else (lambda features: features)
         offset = rank * image_features.shape[0]
         scale = self.logit_scale if scale is None else scale
@@ -347,7 +351,7 @@ class ContrastiveMethod(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         terms = self.loss_terms(self.batch_features(batch), batch)
         weights = self.cfg.method.loss_weights
-        unknown = set(weights) - set(terms)
+        unknown = {name for name, weight in weights.items() if weight != 0} - set(terms)  # a 0 may be skipped
         if unknown:
             raise ValueError(
                 f"method.loss_weights names terms this method does not compute: {sorted(unknown)} "

@@ -140,8 +140,7 @@ class ClipRefine(ContrastiveMethod):
         teacher_image, teacher_text = features["teacher_image"], features["teacher_text"]
         self.log_pair_geometry(image_features, text_features)
 
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.global_rank if self._trainer is not None else 0
+        world, rank = self.world_and_rank()
         batch_size, dim = image_features.shape
         # References for the global batch from a generator seeded by (run.seed, step), this
         # rank's slice: the same draws on any number of devices, and after a resume.

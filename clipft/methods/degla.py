@@ -33,7 +33,7 @@ from clipft.config import ConfigError, MethodConfig
 from clipft.data.datamodule import Batch
 from clipft.losses.hard_negatives import distillation_loss, image_grounded_contrast, text_grounded_contrast
 from clipft.methods.base import register_method
-from clipft.methods.negclip import NegClip
+from clipft.methods.negclip import NegClip, encode_negatives
 from clipft.models import ModelBundle
 
 
@@ -71,22 +71,19 @@ class Degla(NegClip):
     def frozen_features(self, batch: Batch) -> dict[str, Tensor]:
         """The EMA teacher's unit embeddings of the images, captions and negative captions (in
         fp32, the teacher's precision)."""
-        assert batch.negative_texts is not None
-        pairs, count, length = batch.negative_texts.shape
         teacher = self.teacher
         images = batch.images.to(next(teacher.parameters()).dtype)
-        negatives = teacher.encode_text(batch.negative_texts.reshape(pairs * count, length), normalize=True)
         return {
             "teacher_image": teacher.encode_image(images, normalize=True),
             "teacher_text": teacher.encode_text(batch.texts, normalize=True),
-            "teacher_negative_text": negatives.reshape(pairs, count, -1),
+            "teacher_negative_text": encode_negatives(lambda t: teacher.encode_text(t, normalize=True), batch),
         }
 
     def loss_terms(self, features: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         image, text, negatives = features["image"], features["text"], features["negative_text"]
         valid = batch.negative_valid
         assert valid is not None
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world, _ = self.world_and_rank()
         student = [image, text, negatives.flatten(0, 1)]
         teacher = [features["teacher_image"], features["teacher_text"], features["teacher_negative_text"].flatten(0, 1)]
         return {

@@ -76,16 +76,19 @@ class Mixup(ContrastiveMethod):
         opts = self.options
         image, text = features["image"], features["text"]
         scale = self.logit_scale if opts.temperature is None else torch.tensor(1.0 / opts.temperature, device=image.device)
-        rank = self.global_rank if self._trainer is not None else 0
+        _, rank = self.world_and_rank()
         gathered = {"all_image_features": self.gather(image), "all_text_features": self.gather(text),
                     "offset": rank * image.shape[0]}
         lam = self.mixing_weights()
         decay = 1.0 / (self.current_epoch + 1) if opts.decay == "epoch" and self._trainer is not None else 1.0
-        terms = {
-            "contrastive": self.contrastive_loss(image, text, scale=scale),
-            "m2mix": m2mix_loss(image, text, lam["m2mix"], 1.0 / opts.m2mix_temperature, **gathered),
-            "vv": unimodal_mixup_loss("image", image, text, lam["vv"], scale, **gathered),
-            "ll": unimodal_mixup_loss("text", image, text, lam["ll"], scale, **gathered),
-            "vl": joint_mixup_loss(image, text, lam["vl"], scale, **gathered),
+        mixups = {
+            "m2mix": lambda: m2mix_loss(image, text, lam["m2mix"], 1.0 / opts.m2mix_temperature, **gathered),
+            "vv": lambda: unimodal_mixup_loss("image", image, text, lam["vv"], scale, **gathered),
+            "ll": lambda: unimodal_mixup_loss("text", image, text, lam["ll"], scale, **gathered),
+            "vl": lambda: joint_mixup_loss(image, text, lam["vl"], scale, **gathered),
         }
-        return {name: value if name == "contrastive" else decay * value for name, value in terms.items()}
+        weights = self.cfg.method.loss_weights
+        terms = {"contrastive": self.contrastive_loss(image, text, scale=scale)}
+        # a term weighted 0 is not computed (m²-mix leaves the three m³-mix terms at 0)
+        terms.update({name: decay * loss() for name, loss in mixups.items() if weights.get(name, 1.0) != 0})
+        return terms

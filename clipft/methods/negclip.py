@@ -16,7 +16,7 @@ Hsieh et al. 2023): compare it against ``finetune`` with the same data and steps
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
@@ -25,6 +25,14 @@ from clipft.data.datamodule import Batch
 from clipft.losses.hard_negatives import negclip_loss
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle
+
+
+def encode_negatives(encode_text: Callable[[Tensor], Tensor], batch: Batch) -> Tensor:
+    """``[B, K, D]`` embeddings of each pair's K negative captions (sample-major)."""
+    if batch.negative_texts is None:
+        raise ValueError("the batch has no negative captions (data.negatives.count)")
+    pairs, count, length = batch.negative_texts.shape
+    return encode_text(batch.negative_texts.reshape(pairs * count, length)).reshape(pairs, count, -1)
 
 
 @register_method("negclip")
@@ -39,18 +47,13 @@ class NegClip(ContrastiveMethod):
             raise ConfigError("method negclip uses the softmax CLIP loss; this model trains with SigLIP's sigmoid loss")
 
     def encode_batch(self, batch: Batch) -> dict[str, Tensor]:
-        features = super().encode_batch(batch)
-        if batch.negative_texts is None:
-            raise ValueError("the batch has no negative captions (data.negatives.count)")
-        pairs, count, length = batch.negative_texts.shape
-        negatives = self.encode_text(batch.negative_texts.reshape(pairs * count, length))
-        return {**features, "negative_text": negatives.reshape(pairs, count, -1)}
+        return {**super().encode_batch(batch), "negative_text": encode_negatives(self.encode_text, batch)}
 
     def loss_terms(self, features: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         image, text, negatives = features["image"], features["text"], features["negative_text"]
         valid = batch.negative_valid
         assert valid is not None
-        rank = self.global_rank if self._trainer is not None else 0
+        _, rank = self.world_and_rank()
         loss = negclip_loss(
             image, text, negatives, valid, self.logit_scale,
             self.gather(image), self.gather(text), self.gather(negatives), self.gather(valid),
