@@ -42,14 +42,19 @@ def test_terms_lambda_and_checks() -> None:
 
 @pytest.mark.parametrize("recipe", ["m2mix", "m3mix"])
 def test_short_runs_of_the_presets(recipe: str, tmp_path: Path) -> None:
-    from clipft.runner import fit
+    from clipft.runner import fit, validate
 
+    common = ["data.batch_size=32", "data.num_workers=0", "data.synthetic.val_size=200", "eval.zeroshot=[]",
+              "eval.compositional.source=null", "run.plot=false", "trainer.enable_progress_bar=false",
+              f"run.out_dir={tmp_path}"]
+    start = validate(load_config(f"recipes/{recipe}.yaml", common))["metrics"]
     report = fit(load_config(f"recipes/{recipe}.yaml", [
-        "trainer.max_steps=20", "trainer.val_check_interval=20", "data.batch_size=32", "data.num_workers=0",
-        "data.synthetic.val_size=200", "eval.zeroshot=[]", "eval.compositional.source=null", "run.plot=false",
-        "trainer.enable_progress_bar=false", f"run.out_dir={tmp_path}", "trainer.log_every_n_steps=1"]))
+        *common, "trainer.max_steps=20", "trainer.val_check_interval=20", "trainer.log_every_n_steps=1"]))
     with open(Path(report["run_dir"]) / "metrics.csv") as f:
         logged = {k for row in csv.DictReader(f) for k, v in row.items() if v}
     terms = {"train/m2mix"} | ({"train/vv", "train/ll", "train/vl"} if recipe == "m3mix" else set())
     assert terms <= logged
     assert report["steps"] == 20 and report["metrics"]["val/retrieval/mean_r1"] > 0.8  # the start's ability kept
+    if recipe == "m2mix":  # measured: alignment 0.3145 -> 0.3106, centroid gap 0.3273 -> 0.3217
+        for key in ("val/gap/alignment", "val/gap/centroid_distance"):
+            assert report["metrics"][key] < start[key] - 0.002, key
