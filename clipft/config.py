@@ -122,9 +122,30 @@ class NegativesConfig:
 
 
 @dataclass
+class ClassesConfig:
+    """Class-labelled data for few-shot methods (MMRL): each pair's caption is its class
+    prompt and the batch carries the labels (clipft/data/classes.py)."""
+
+    enabled: bool = False  # always on for data.source=folder
+    task: str = "object"  # synthetic: shape | colour | object (its held-out combinations left out)
+    label_key: str = "label"  # csv: the column of class labels
+    names: Optional[str] = None  # JSON file {label or folder name: class name}; null: the labels
+    shots: Optional[int] = None  # k training images per class, drawn with run.seed; null: all
+    # base: train on the first half of the sorted classes (CoOp's base-to-novel protocol);
+    # all: on every class
+    train_classes: str = "base"
+    # prompt templates with {} for the class name (several: their embeddings are averaged),
+    # or template_set: a CoOp data set's prompt (oxford_pets, dtd, eurosat, imagenet, ...).
+    # null: synthetic "a large {}"; tables "a photo of a {}."
+    templates: Optional[list[str]] = None
+    template_set: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | csv (also .tsv and .jsonl files)
-    train: Optional[str] = None  # csv source: table of image paths and captions
+    # synthetic | csv (also .tsv and .jsonl files) | folder (one sub-folder of images per class)
+    source: str = "synthetic"
+    train: Optional[str] = None  # csv: table of image paths and captions; folder: the image folder
     val: Optional[str] = None
     image_key: str = "filepath"  # column holding the image path (relative to the table)
     caption_key: str = "title"  # column holding the caption
@@ -146,6 +167,7 @@ class DataConfig:
     # neighbours (starting model's embedding, computed once and cached) as an extra pair, so a
     # batch holds 2 x data.batch_size pairs. 0: off (NegCLIP: 3).
     hard_images: int = 0
+    classes: ClassesConfig = field(default_factory=ClassesConfig)
 
 
 @dataclass
@@ -251,6 +273,9 @@ class EvalConfig:
     gap: bool = True
     compositional: CompositionalEvalConfig = field(default_factory=CompositionalEvalConfig)
     zeroshot: list[ZeroShotTaskConfig] = field(default_factory=list)
+    # class-based data (data.classes): accuracy on the validation images of the base classes
+    # (among base classes), of the novel classes (among novel classes) and their harmonic mean
+    base_to_novel: bool = True
     batch_size: int = 256
 
 
@@ -279,7 +304,9 @@ LIGHTNING_PRECISION = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.monitor_mode": ("min", "max"),
     "run.omp_wait_policy": ("PASSIVE", "ACTIVE"),
-    "data.source": ("synthetic", "csv"),
+    "data.source": ("synthetic", "csv", "folder"),
+    "data.classes.task": ("shape", "colour", "object"),
+    "data.classes.train_classes": ("base", "all"),
     "data.on_bad_sample": ("error", "skip"),
     "data.train_transform": ("train", "val", "scale_shift"),
     "optim.schedule": ("cosine", "constant"),
@@ -514,6 +541,26 @@ def _method_name(layers: list[tuple[str, DictConfig]]) -> str:
     return name
 
 
+def _without_method_keys(layer: DictConfig, file_method: str, schema: RunConfig) -> DictConfig:
+    """``layer`` without the ``method`` keys of the recipe's own method (``file_method``) that
+    the method chosen on the command line does not have: running a recipe with another
+    method (``method.name=finetune`` as its baseline) keeps everything else."""
+    section = layer.get("method") if isinstance(layer, DictConfig) else None
+    if not isinstance(section, DictConfig):
+        return layer
+    known = {f.name for f in dataclasses.fields(schema.method)}
+    dropped = sorted(str(k) for k in section if k not in known)
+    if not dropped:
+        return layer
+    import logging
+
+    logging.getLogger(__name__).info("method.name overridden: leaving out method %s's keys %s", file_method, dropped)
+    layer = layer.copy()
+    for key in dropped:
+        del layer.method[key]
+    return layer
+
+
 def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None) -> DictConfig:
     """Merge defaults, the recipe with its includes, and the overrides into a validated
     (structured, typed) OmegaConf config."""
@@ -538,6 +585,9 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
     schema = RunConfig(method=_METHOD_CONFIGS[method](name=method))
     cfg = OmegaConf.structured(schema)
     file_layers = layers[:-1] if overrides else layers
+    file_method = _method_name(file_layers)
+    if file_method != method:  # method.name changed on the command line: a baseline of the same recipe
+        file_layers = [(source, _without_method_keys(layer, file_method, schema)) for source, layer in file_layers]
     for source, layer in file_layers:
         _check_keys(layer, schema, "", source)
         try:
@@ -554,8 +604,14 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
         raise ConfigError(f"could not resolve interpolation: {err}") from err
     _check_choices(cfg)
     _check_values(cfg)
-    if cfg.data.source == "csv" and not cfg.data.train:
-        raise ConfigError("data.train: a table of image paths and captions is required when data.source=csv")
+    if cfg.data.source in ("csv", "folder") and not cfg.data.train:
+        what = "a table of image paths and captions" if cfg.data.source == "csv" else "an image folder"
+        raise ConfigError(f"data.train: {what} is required when data.source={cfg.data.source}")
+    classes = cfg.data.classes
+    if classes.templates and classes.template_set:
+        raise ConfigError("data.classes: give templates or template_set, not both")
+    if classes.shots is not None and classes.shots < 1:
+        raise ConfigError(f"data.classes.shots: must be >= 1 (or null for all images), got {classes.shots}")
     for i, task in enumerate(cfg.eval.zeroshot):
         if task.source in ("csv", "folder") and not task.data:
             raise ConfigError(f"eval.zeroshot[{i}].data: a table or image folder is required for source={task.source}")
@@ -563,12 +619,12 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
             raise ConfigError(f"eval.zeroshot[{i}]: give templates or template_set, not both")
     if cfg.eval.compositional.source == "folder" and not cfg.eval.compositional.path:
         raise ConfigError("eval.compositional.path: the folder of <subset>.json files is required for source=folder")
-    if cfg.data.source == "csv" and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):
+    if cfg.data.source in ("csv", "folder") and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):
         raise ConfigError(
             "eval.zeroshot / eval.compositional run in the validation loop, which needs validation pairs: "
             "set data.val (a table like data.train)"
         )
-    if cfg.run.monitor.startswith("val/") and cfg.data.source == "csv" and not cfg.data.val:
+    if cfg.run.monitor.startswith("val/") and cfg.data.source in ("csv", "folder") and not cfg.data.val:
         raise ConfigError(
             f"run.monitor={cfg.run.monitor} needs validation data: set data.val (a table like data.train), "
             "or monitor a train/ metric"

@@ -36,9 +36,9 @@ WEIGHTS_FILE = {"local-dir": "open_clip_model.safetensors", "state-dict": "open_
                 "safetensors": "open_clip_model.safetensors"}
 CONFIG_FILE = "open_clip_config.json"
 # For a method whose model has parameters open_clip has no place for (MMRL's representation
-# tokens): method name -> writer(out_dir, checkpoint_state) that saves them beside the open_clip
+# tokens): method name -> writer(out_dir, checkpoint path) that saves them beside the open_clip
 # files, and -> loader(out_dir, open_clip model) that returns the model with them attached.
-EXTRA_WRITERS: dict[str, Callable[[Path, dict[str, Any]], None]] = {}
+EXTRA_WRITERS: dict[str, Callable[[Path, Path], None]] = {}
 EXTRA_LOADERS: dict[str, Callable[[Path, torch.nn.Module], torch.nn.Module]] = {}
 
 
@@ -198,7 +198,7 @@ def export(
                 config["clipft"] = extras
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if cfg.method.name in EXTRA_WRITERS:
-            EXTRA_WRITERS[cfg.method.name](folder, read_training_state(checkpoint))
+            EXTRA_WRITERS[cfg.method.name](folder, checkpoint)
         _model_card(folder, cfg, checkpoint, alpha, ema, cfg.model.lora.rank > 0)
         written.append(folder)
     return written
@@ -222,6 +222,8 @@ def load_exported(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
             config_file.write_text(json.dumps(config, indent=2))
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
     if "method" in extras:
+        import clipft.methods  # noqa: F401  (the methods register their loaders)
+
         if extras["method"] not in EXTRA_LOADERS:
             raise ExportError(f"{folder}: exported by method {extras['method']}, whose loader is not registered")
         model = EXTRA_LOADERS[extras["method"]](folder, model)

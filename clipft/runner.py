@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from clipft.config import PRECISION, ConfigError, RunConfig, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
-from clipft.eval.callbacks import CompositionalCallback, GapCallback, RetrievalCallback, RunReport, ValidationFeatures, ZeroShotCallback
+from clipft.eval.callbacks import BaseToNovelCallback, CompositionalCallback, GapCallback, RetrievalCallback, RunReport, ValidationFeatures, ZeroShotCallback
 from clipft.eval.compositional import GROUPS, SUBSETS, load_benchmark, write_synthetic_benchmark
 from clipft.eval.gap import GAP_METRICS
 from clipft.eval.plots import plot_training_curves
@@ -164,6 +164,8 @@ def check_monitor(cfg: RunConfig, method: ContrastiveMethod) -> None:
         names |= {f"val/gap/{m}" for m in GAP_METRICS}
     if cfg.eval.compositional.source is not None:
         names |= {f"val/compositional/{m}" for m in (*SUBSETS, *GROUPS)}
+    if cfg.eval.base_to_novel and (cfg.data.classes.enabled or cfg.data.source == "folder"):
+        names |= {f"val/base_to_novel/{m}" for m in ("base", "novel", "hm")}
     if cfg.run.monitor not in names:
         close = difflib.get_close_matches(cfg.run.monitor, sorted(names), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -196,7 +198,9 @@ class LoggerStepIsGlobalStep(L.Callback):
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
-def build_callbacks(cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path] = None) -> list[L.Callback]:
+def build_callbacks(
+    cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path] = None, datamodule: Optional[ImageTextDataModule] = None
+) -> list[L.Callback]:
     features = ValidationFeatures()  # one encoding pass, shared by retrieval and gap
     callbacks: list[L.Callback] = [features]
     if cfg.eval.retrieval.enabled:
@@ -219,6 +223,12 @@ def build_callbacks(cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path]
             for t in cfg.eval.zeroshot
         ]
         callbacks.append(ZeroShotCallback(tasks, batch_size=cfg.eval.batch_size))
+    if cfg.eval.base_to_novel and datamodule is not None and datamodule.classes is not None and datamodule.val_fetch:
+        classes = datamodule.classes
+        callbacks.append(BaseToNovelCallback(
+            datamodule.class_validation_set(), classes.names, classes.templates, classes.base, classes.novel,
+            datamodule.train_classes, batch_size=cfg.eval.batch_size,
+        ))
     return callbacks
 
 
@@ -245,7 +255,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         datamodule.hard_image_candidates(model.encode_image, cfg.data.hard_images, Path(cfg.run.out_dir) / ".cache",
                                          model_key=(cfg.model.name, cfg.model.pretrained))
         model.train(was_training)
-    callbacks = build_callbacks(cfg, bundle, run_dir)
+    callbacks = build_callbacks(cfg, bundle, run_dir, datamodule)
     method = build_method(cfg, bundle)
     if stage == "fit":
         check_monitor(cfg, method)
@@ -260,6 +270,8 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
             "method": cfg.method.name,
             "model": cfg.model.name,
             "parameters": count_parameters(bundle.model),
+            # everything the optimizer trains, the method's own parameters (MMRL's tokens) included
+            "trainable_parameters": sum(p.numel() for p in method.parameters() if p.requires_grad),
             "data": datamodule.summary(),
             "val_batch_size": cfg.data.val_batch_size or cfg.data.batch_size,
         },

@@ -154,9 +154,9 @@ def test_a_method_adds_its_own_part_to_the_export(tmp_path: Path, fast_overrides
     run = _fit(fast_overrides, "recipes/quickstart.yaml", "model.pretrained=synthetic", "trainer.max_steps=2")
     written = {}
 
-    def writer(folder: Path, state: dict) -> None:
+    def writer(folder: Path, checkpoint: Path) -> None:
         torch.save({"tokens": torch.arange(3.0)}, folder / "extra.pt")
-        written["step"] = state["global_step"]
+        written["step"] = torch.load(checkpoint, weights_only=True)["global_step"]
 
     def loader(folder: Path, model: torch.nn.Module) -> torch.nn.Module:
         model.extra_tokens = torch.load(folder / "extra.pt")["tokens"]

@@ -16,11 +16,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipft.config import DataConfig, NegativesConfig
+from clipft.data import synthetic
+from clipft.data.classes import ClassFetch, ClassSet, Labelled, few_shot_indices, read_class_names, template_list
 from clipft.data.hard_images import WithHardImages
 from clipft.data.negatives import negatives as draw_negatives
-from clipft.data.synthetic import SyntheticScenes, label_of
+from clipft.data.synthetic import SyntheticScenes, label_of, one_object_eval_set
 from clipft.data.transforms import array_transform
-from clipft.data.table import Table, load_rgb, read_table
+from clipft.data.table import Table, load_rgb, read_image_folder, read_table
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Batch:
     negative_texts: Optional[torch.Tensor] = None  # [B, K, L] token ids
     negative_valid: Optional[torch.Tensor] = None  # [B, K] bool
     negative_captions: Optional[list[list[str]]] = None
+    # class-based sources (data.classes): each pair's class, an index into the data's ClassSet
+    labels: Optional[torch.Tensor] = None  # [B] long
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -120,10 +124,14 @@ class CollatePairs:
 
     def __call__(self, items: Sequence[tuple[torch.Tensor, Any, str]]) -> Batch:
         images, targets, image_ids = zip(*items)
+        labels = None
+        if isinstance(targets[0], Labelled):  # a class-based source: the caption is the class prompt
+            labels = torch.tensor([t.label for t in targets], dtype=torch.long)
+            targets = tuple(t.caption for t in targets)
         # a table with a negatives column gives (caption, its negatives) targets
         given = [t[1] for t in targets] if isinstance(targets[0], tuple) else None
         captions = [t[0] for t in targets] if given is not None else list(targets)
-        batch = Batch(torch.stack(images), self.tokenizer(captions), captions, list(image_ids))
+        batch = Batch(torch.stack(images), self.tokenizer(captions), captions, list(image_ids), labels=labels)
         if self.negatives is not None:
             count, types = self.negatives.count, tuple(self.negatives.types)
             drawn = []
@@ -144,8 +152,9 @@ def stack_images(items: Sequence[tuple[torch.Tensor, Any, str]]) -> torch.Tensor
     return torch.stack([item[0] for item in items])
 
 
-def collate_labelled(items: Sequence[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_labelled(items: Sequence[tuple[torch.Tensor, int | Labelled, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels, _ = zip(*items)
+    labels = tuple(t.label if isinstance(t, Labelled) else t for t in labels)
     return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
 
 
@@ -181,12 +190,20 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_fetch: Optional[Callable[[int], Any]] = None
         self.hard_neighbours: Optional[torch.Tensor] = None  # [N, k] (data.hard_images), set by the runner
         self.val_fetch: Optional[Callable[[int], Any]] = None
+        self.classes: Optional[ClassSet] = None  # class-based sources (data.classes)
+        self.train_classes: list[int] = []  # the labels trained on (data.classes.train_classes)
+
+    @property
+    def class_based(self) -> bool:
+        return self.cfg.source == "folder" or self.cfg.classes.enabled
 
     def prepare_sources(self) -> None:
         if self.train_fetch is not None:
             return
         cfg = self.cfg
-        if cfg.source == "synthetic":
+        if self.class_based:
+            self._prepare_classes()
+        elif cfg.source == "synthetic":
             s = cfg.synthetic
             self.train_fetch = SyntheticFetch(
                 SyntheticScenes("train", s.train_size, s.seed, s.image_size, s.two_object_fraction)
@@ -200,6 +217,55 @@ class ImageTextDataModule(L.LightningDataModule):
         else:  # config validation already names the allowed values
             raise ValueError(f"data.source: unknown source '{cfg.source}'")
 
+    def _prepare_classes(self) -> None:
+        """Class-labelled train and validation items: the synthetic one-object scenes labelled
+        by ``data.classes.task``, an image folder, or a table with a label column. The classes
+        are the sorted labels of both splits (the synthetic task's own order), so the base /
+        novel halves are the same whichever split is read."""
+        cfg, spec = self.cfg, self.cfg.classes
+        if cfg.source == "synthetic":
+            s = cfg.synthetic
+            held_out = {f"{colour} {shape}" for colour, shape in synthetic.HELD_OUT_COMBOS}
+            task_names = synthetic.class_names(spec.task)
+            kept = [i for i, name in enumerate(task_names) if name not in held_out]  # never drawn in train/val
+            new_label = {old: new for new, old in enumerate(kept)}
+            names = [task_names[i] for i in kept]
+            splits = {}
+            for split, size in (("train", s.train_size), ("val", s.val_size)):
+                scenes = one_object_eval_set(split, size, s.seed, s.image_size)
+                labels = [new_label[label_of(scenes.scene(i), spec.task)] for i in range(len(scenes))]
+                splits[split] = (SyntheticFetch(scenes), labels)
+            default_templates = ["a large {}"]
+        else:
+            def read(path: str) -> Table:
+                if cfg.source == "folder":
+                    return read_image_folder(path)
+                return read_table(path, cfg.image_key, spec.label_key, cfg.separator, cfg.on_bad_sample, what="label")
+
+            tables = {"train": read(cfg.train or "")}
+            if cfg.val:
+                tables["val"] = read(cfg.val)
+            keys = sorted({text for table in tables.values() for text in table.texts})
+            display = read_class_names(spec.names, keys) if spec.names else {k: k for k in keys}
+            names = [display[k] for k in keys]
+            index = {k: i for i, k in enumerate(keys)}
+            splits = {split: (TableFetch(table), [index[t] for t in table.texts]) for split, table in tables.items()}
+            default_templates = ["a photo of a {}."]
+        self.classes = ClassSet(names, template_list(spec.templates, spec.template_set, default_templates))
+        self.train_classes = self.classes.base if spec.train_classes == "base" else list(range(len(names)))
+        fetch, labels = splits["train"]
+        if spec.shots is not None:
+            indices = few_shot_indices(labels, spec.shots, self.seed, self.train_classes)
+        else:
+            wanted = set(self.train_classes)
+            indices = [i for i, label in enumerate(labels) if label in wanted]
+        if not indices:
+            raise ValueError(f"data.train: no training images of the classes trained on ({spec.train_classes})")
+        self.train_fetch = ClassFetch(fetch, labels, indices, self.classes)
+        if "val" in splits:
+            fetch, labels = splits["val"]
+            self.val_fetch = ClassFetch(fetch, labels, range(len(labels)), self.classes)
+
     def _table(self, path: str, negatives: bool = False) -> Table:
         cfg = self.cfg
         column = cfg.negatives.column if negatives and cfg.negatives.count > 0 else None
@@ -211,8 +277,13 @@ class ImageTextDataModule(L.LightningDataModule):
         out: dict[str, Any] = {"source": self.cfg.source, "train_size": len(self.train_fetch)}  # type: ignore[arg-type]
         out["val_size"] = len(self.val_fetch) if self.val_fetch is not None else 0  # type: ignore[arg-type]
         for split, fetch in (("train", self.train_fetch), ("val", self.val_fetch)):
+            fetch = fetch.fetch if isinstance(fetch, ClassFetch) else fetch
             if isinstance(fetch, TableFetch):
                 out[f"{split}_skipped_rows"] = len(fetch.table.skipped)
+        if self.classes is not None:
+            out["classes"] = len(self.classes.names)
+            out["train_classes"] = len(self.train_classes)
+            out["shots"] = self.cfg.classes.shots
         return out
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -251,6 +322,7 @@ class ImageTextDataModule(L.LightningDataModule):
         )
 
     def _transform(self, fetch: Any, preprocess: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+        fetch = fetch.fetch if isinstance(fetch, ClassFetch) else fetch
         if isinstance(fetch, SyntheticFetch):
             return array_transform(preprocess, fetch.scenes.image_size)
         return preprocess
@@ -284,6 +356,13 @@ class ImageTextDataModule(L.LightningDataModule):
             return nearest_neighbours(encode_images(encode, loader), ids, k)
 
         self.hard_neighbours = cached(path, compute)
+
+    def class_validation_set(self) -> Dataset:
+        """The class-labelled validation images with the evaluation preprocess (base-to-novel)."""
+        self.prepare_sources()
+        if self.classes is None or self.val_fetch is None:
+            raise ValueError("base-to-novel evaluation needs class-labelled validation data (data.classes, data.val)")
+        return TransformedImages(self.val_fetch, self._transform(self.val_fetch, self.preprocess_val))
 
     def train_dataloader(self) -> DataLoader:
         self.prepare_sources()

@@ -211,6 +211,26 @@ class _Encoder:
         return torch.cat(out)
 
 
+def _sharded_loader(pl_module: Any, dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """(images, labels) batches of this rank's shard (the same number of batches on every rank)."""
+    trainer = pl_module._trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_labelled,
+        sampler=ShardSampler(len(dataset), world, rank) if world > 1 else None,  # type: ignore[arg-type]
+    )
+
+
+def _gather_shards(pl_module: Any, size: int, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows of every rank's shard, each sample once (the shards' padding dropped)."""
+    trainer = pl_module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return rows
+    gathered = tuple(_gather_rows(pl_module, r) for r in rows)
+    keep = _unpadded_rows(size, trainer.world_size, len(gathered[0]))
+    return gathered if keep is None else tuple(g[keep] for g in gathered)
+
+
 @dataclass
 class ZeroShotTask:
     """Images with integer labels, class names, and the prompts of each class."""
@@ -239,25 +259,13 @@ class ZeroShotCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, pl_module: Any, task: ZeroShotTask) -> dict[str, float]:
         encoder = _Encoder(pl_module, self.batch_size)
-        trainer = pl_module._trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        size = len(task.dataset)  # type: ignore[arg-type]
-        loader = DataLoader(
-            task.dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_labelled,
-            sampler=ShardSampler(size, world, rank) if world > 1 else None,
-        )
         features, labels = [], []
         with encoder.context():
             classifier = build_zero_shot_classifier(encoder.texts, task.class_names, task.templates)
-            for images, batch_labels in loader:
+            for images, batch_labels in _sharded_loader(pl_module, task.dataset, self.batch_size, self.num_workers):
                 features.append(encoder.images(images))
                 labels.append(batch_labels.to(pl_module.device))
-        image_features, labels_all = torch.cat(features), torch.cat(labels)
-        if world > 1:
-            image_features, labels_all = _gather_rows(pl_module, image_features), _gather_rows(pl_module, labels_all)
-            keep = _unpadded_rows(size, world, len(image_features))
-            if keep is not None:
-                image_features, labels_all = image_features[keep], labels_all[keep]
+        image_features, labels_all = _gather_shards(pl_module, len(task.dataset), torch.cat(features), torch.cat(labels))
         logits = zero_shot_logits(image_features, classifier, task.ensemble)
         metrics = topk_accuracy(logits, labels_all, ks=(1, 5))
         metrics["mean_per_class_recall"] = mean_per_class_recall(logits, labels_all)
@@ -269,6 +277,62 @@ class ZeroShotCallback(L.Callback):
         for task in self.tasks:
             for key, value in self.evaluate(pl_module, task).items():
                 pl_module.log(f"val/zeroshot/{task.name}/{key}", value, sync_dist=False, rank_zero_only=False)
+
+
+class BaseToNovelCallback(L.Callback):
+    """CoOp's base-to-novel evaluation of class-labelled validation images
+    (``data.classes``): images of base classes are classified among the base classes, images
+    of novel classes among the novel classes, each by the method's ``classify`` (MMRL's
+    decoupled inference: fused branches for classes it trained on, the class token
+    otherwise). Class features: the mean of each class's unit prompt features. Logs
+    ``val/base_to_novel/{base,novel,hm}``, hm = 2·base·novel / (base + novel)."""
+
+    def __init__(self, dataset: Dataset, class_names: list[str], templates: list[str], base: list[int],
+                 novel: list[int], trained: list[int], batch_size: int = 256, num_workers: int = 0) -> None:
+        self.dataset, self.class_names, self.templates = dataset, class_names, templates
+        self.parts = {"base": base, "novel": novel}
+        self.trained = set(trained)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    @torch.no_grad()
+    def evaluate(self, pl_module: Any) -> dict[str, float]:
+        encoder = _Encoder(pl_module, self.batch_size)
+        correct, labels = [], []
+        with encoder.context():
+            prompts = build_zero_shot_classifier(encoder.texts, self.class_names, self.templates)
+            class_features = torch.nn.functional.normalize(prompts.mean(dim=1), dim=-1)
+            part_of = torch.full((len(self.class_names),), -1, dtype=torch.long, device=pl_module.device)
+            for part, classes in enumerate(self.parts.values()):
+                part_of[torch.tensor(classes, device=pl_module.device)] = part
+            for images, batch_labels in _sharded_loader(pl_module, self.dataset, self.batch_size, self.num_workers):
+                images, batch_labels = images.to(pl_module.device), batch_labels.to(pl_module.device)
+                if encoder.precision is not None:
+                    images = encoder.precision.convert_input(images)
+                hit = torch.zeros(len(batch_labels), dtype=torch.bool, device=pl_module.device)
+                for part, classes in enumerate(self.parts.values()):
+                    rows = part_of[batch_labels] == part
+                    if not rows.any():
+                        continue
+                    seen = set(classes) <= self.trained
+                    scores = pl_module.classify(images[rows], class_features[classes], seen=seen)
+                    predicted = torch.tensor(classes, device=pl_module.device)[scores.argmax(dim=-1)]
+                    hit[rows] = predicted == batch_labels[rows]
+                correct.append(hit)
+                labels.append(batch_labels)
+        hits, labels_all = _gather_shards(pl_module, len(self.dataset), torch.cat(correct), torch.cat(labels))
+        metrics = {}
+        for part, classes in self.parts.items():
+            rows = torch.isin(labels_all, torch.tensor(classes, device=labels_all.device))
+            metrics[part] = hits[rows].float().mean().item() if rows.any() else float("nan")
+        base, novel = metrics["base"], metrics["novel"]
+        metrics["hm"] = 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+        return metrics
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for key, value in self.evaluate(pl_module).items():
+            pl_module.log(f"val/base_to_novel/{key}", value, sync_dist=False, rank_zero_only=False)
 
 
 class CompositionalCallback(L.Callback):

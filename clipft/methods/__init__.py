@@ -5,6 +5,7 @@ from clipft.methods.clip_refine import ClipRefine
 from clipft.methods.degla import Degla
 from clipft.methods.finetune import Finetune
 from clipft.methods.mixup import Mixup
+from clipft.methods.mmrl import MMRL
 from clipft.methods.negclip import NegClip
 
-__all__ = ["METHODS", "ClipRefine", "Degla", "ContrastiveMethod", "Finetune", "Mixup", "NegClip", "build_method", "method_class", "register_method"]
+__all__ = ["METHODS", "ClipRefine", "Degla", "ContrastiveMethod", "Finetune", "MMRL", "Mixup", "NegClip", "build_method", "method_class", "register_method"]

@@ -61,6 +61,7 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.L
 _EMBEDDING_NAMES = (
     "positional_embedding", "class_embedding", "token_embedding", "logit_scale", "logit_bias",
     "pos_embed", "cls_token", "reg_token", "latent", "position_embedding", "relative_position_bias_table",
+    "learned_tokens",
 )
 
 
@@ -318,6 +319,16 @@ class ContrastiveMethod(L.LightningModule):
         ``frozen_features`` merged); the base weights and sums them."""
         return {"contrastive": self.contrastive_loss(features["image"], features["text"])}
 
+    def term_weights(self) -> dict[str, float]:
+        """The weight of each loss term (1.0 for a term not named): ``method.loss_weights``."""
+        return self.cfg.method.loss_weights
+
+    def classify(self, images: Tensor, class_features: Tensor, seen: bool) -> Tensor:
+        """Scores ``[N, C]`` of images against unit class text features ``[C, D]``. ``seen``:
+        the classes were trained on (a method with a branch learned on them, as MMRL, uses it
+        only then); here the cosine similarity either way."""
+        return self.encode_image(images) @ class_features.T
+
     def batch_features(self, batch: Batch) -> dict[str, Tensor]:
         """``encode_batch`` and ``frozen_features`` of the whole batch.
 
@@ -350,7 +361,7 @@ class ContrastiveMethod(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         terms = self.loss_terms(self.batch_features(batch), batch)
-        weights = self.cfg.method.loss_weights
+        weights = self.term_weights()
         unknown = {name for name, weight in weights.items() if weight != 0} - set(terms)  # a 0 may be skipped
         if unknown:
             raise ValueError(

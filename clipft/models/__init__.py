@@ -15,6 +15,7 @@ from clipft.models.factory import (
     count_parameters,
     keep_in_eval,
     load_pretrained_file,
+    read_module_state,
     read_state_dict,
     read_training_state,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "count_parameters",
     "keep_in_eval",
     "load_pretrained_file",
+    "read_module_state",
     "read_state_dict",
     "read_training_state",
 ]

@@ -204,6 +204,18 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def read_module_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every weight of a clipft checkpoint (.ckpt file or DeepSpeed folder, gathered from the
+    ranks' shards) under the method's own names: ``model.*`` and what else the method trains."""
+    path = str(path)
+    state = _read_deepspeed_folder(path) if os.path.isdir(path) else torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"'{path}' is not a clipft checkpoint")
+    return state
+
+
 def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """Read model weights from a file in any of the usual layouts: a plain state dict
     (.pt/.bin/.pth), safetensors, a dict with ``state_dict`` (open_clip training checkpoint,
