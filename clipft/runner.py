@@ -403,6 +403,12 @@ def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
 
 
 def info(cfg: RunConfig) -> dict[str, Any]:
-    """Resolved config and parameter counts, without data or training."""
+    """Resolved config and parameter counts (the model's, as the method trains it, and the
+    method's own), without data or training."""
     bundle = build_model(cfg.model)
-    return {"config": to_dict(cfg), "parameters": count_parameters(bundle.model)}
+    method = build_method(cfg, bundle)
+    counts = count_parameters(bundle.model)
+    own = [p for n, p in method.named_parameters() if not n.startswith("model.")]
+    if own:
+        counts["method"] = {"total": sum(p.numel() for p in own), "trainable": sum(p.numel() for p in own if p.requires_grad)}
+    return {"config": to_dict(cfg), "parameters": counts}
