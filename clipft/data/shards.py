@@ -35,6 +35,7 @@ are logged by the worker, and the count travels with the next batch to the data 
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import logging
@@ -255,11 +256,11 @@ def deal(sizes: Sequence[int], order: Iterable[int], slots: int) -> list[list[in
     """Deal items (in ``order``) to ``slots``, each to the slot with the smallest total size
     so far (the lowest slot on ties): deterministic and balanced to within one item."""
     dealt: list[list[int]] = [[] for _ in range(slots)]
-    totals = [0] * slots
+    heap = [(0, slot) for slot in range(slots)]  # (total, slot): the smallest total, then the lowest slot
     for item in order:
-        slot = min(range(slots), key=lambda s: (totals[s], s))
+        total, slot = heapq.heappop(heap)
         dealt[slot].append(item)
-        totals[slot] += sizes[item]
+        heapq.heappush(heap, (total + sizes[item], slot))
     return dealt
 
 

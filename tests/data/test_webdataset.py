@@ -198,9 +198,25 @@ def test_fit_on_shards(tmp_path: Path, fast_overrides: list[str], capsys: pytest
     overrides = [*fast_overrides, "data.source=webdataset", f"data.train={tmp_path}/train/shard-{{000000..000003}}.tar",
                  f"data.val={tmp_path}/val", "data.num_workers=2", "trainer.max_steps=10", "trainer.val_check_interval=10",
                  "eval.zeroshot=[]", "eval.compositional.source=null", "run.monitor=val/loss", "run.monitor_mode=min"]
-    assert main(["fit", str(ROOT / "recipes" / "quickstart.yaml"), *overrides]) == 0
+    recipe = str(ROOT / "recipes" / "quickstart.yaml")
+    overrides += ["trainer.log_every_n_steps=1", "optim.schedule=constant", "optim.warmup_fraction=0"]  # lr: not by max_steps
+    assert main(["fit", recipe, *overrides]) == 0
     report = json.loads(Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]).read_text())
     assert report["steps"] == 10 and report["epoch"] == 1  # 8 batches an epoch: the second epoch's stream went on
     assert report["data"] == {"source": "webdataset", "train_size": 256, "val_size": 64, "train_shards": 4,
                               "val_skipped_samples": 0, "train_skipped_samples": 0}
     assert report["metrics"]["val/retrieval/n_images"] == 64
+
+    # stopped mid-epoch at step 5 and resumed: steps 6-10 train on the uninterrupted run's batches
+    stopped = [*overrides, "run.name=stopped"]
+    assert main(["fit", recipe, *stopped[:-1], "trainer.max_steps=5", "run.name=stopped"]) == 0
+    assert main(["fit", recipe, *stopped, "run.resume=last"]) == 0
+    full, resumed = (train_losses(Path(report["run_dir"]).parent.parent / name) for name in ("quickstart", "stopped"))
+    assert sorted(resumed) == list(range(10)) and resumed == pytest.approx(full, abs=1e-5)
+
+
+def train_losses(runs: Path) -> dict[int, float]:
+    import csv
+
+    rows = csv.DictReader((next(runs.glob("*")) / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
