@@ -1,4 +1,4 @@
-"""``clipft``: fit | validate | info | export — recipes in, run folders out.
+"""``clipft``: fit | validate | info | export | data — recipes in, run folders out.
 
 Examples:
   clipft fit recipes/quickstart.yaml
@@ -7,6 +7,7 @@ Examples:
   clipft info recipes/finetune.yaml model.name=ViT-B-32
   clipft validate recipes/quickstart.yaml ckpt=runs/quickstart/<time>/checkpoints/best.ckpt
   clipft export runs/quickstart/<time> --out exported/quickstart
+  clipft data write-shards data/train.csv shards/train --shard-size 1000
 """
 
 from __future__ import annotations
@@ -78,7 +79,53 @@ def _parser() -> argparse.ArgumentParser:
                         help="WiSE-FT: θ = (1-α)·start + α·adapted; several α write OUT/wise_ft_<α>/ side by side")
     export.add_argument("--ema", action="store_true", help="the EMA weights (method.ema_momentum) instead of the live ones")
     export.add_argument("--format", default="local-dir", choices=["local-dir", "state-dict", "safetensors"])
+
+    data = verbs.add_parser("data", help="data tools (write-shards)", description="Data tools.")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="TOOL", required=True)
+    shards = data_verbs.add_parser(
+        "write-shards",
+        help="convert a source to WebDataset tar shards with sizes.json",
+        description="Write SOURCE (a .csv/.tsv/.jsonl table, an image folder with one sub-folder per class, or "
+        "'synthetic') as WebDataset shards OUT_DIR/shard-NNNNNN.tar (<key>.jpg|png|..., <key>.txt, <key>.json) "
+        "plus OUT_DIR/sizes.json, for data.source=webdataset. Run it again after an interruption: finished "
+        "shards are kept and the rest written.",
+    )
+    shards.add_argument("source", help="table file, image folder, or 'synthetic'")
+    shards.add_argument("out_dir", help="folder to write the shards to")
+    shards.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    shards.add_argument("--resize", type=int, metavar="PX", help="resize each image so its shorter side is PX (re-encoded)")
+    shards.add_argument("--image-format", choices=["jpg", "png"], default="jpg",
+                        help="format of re-encoded images (resized or synthetic); files are otherwise copied as they are")
+    shards.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    shards.add_argument("--image-key", default="filepath", help="table column of the image paths")
+    shards.add_argument("--caption-key", default="title", help="table column of the captions")
+    shards.add_argument("--separator", help="table separator (default: from the extension)")
+    shards.add_argument("--on-bad-sample", choices=["error", "skip"], default="error", help="bad table rows")
+    shards.add_argument("--size", type=int, default=10_000, help="synthetic: number of samples")
+    shards.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    shards.add_argument("--split", default="train", choices=["train", "val", "novel"], help="synthetic: split")
+    shards.add_argument("--image-size", type=int, default=32, help="synthetic: image side in pixels")
+    shards.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _data(args: argparse.Namespace) -> int:
+    from clipft.data.shard_writer import open_source, write_shards
+    from clipft.data.table import DataError
+
+    try:
+        source = open_source(
+            args.source, args.image_key, args.caption_key, args.separator, args.on_bad_sample,
+            synthetic_size=args.size, synthetic_seed=args.seed, synthetic_split=args.split,
+            synthetic_image_size=args.image_size,
+        )
+        sizes = write_shards(source, args.out_dir, args.shard_size, args.resize, args.image_format, args.quality,
+                             progress=not args.no_progress)
+    except (DataError, ValueError) as err:
+        print(f"clipft: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(sizes)} shards, {sum(sizes.values())} samples: {args.out_dir}/sizes.json")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -108,10 +155,10 @@ def _prepare_environment(recipe: str, overrides: list[str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.verb == "export":
+    if args.verb in ("export", "data"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return _export(args)
+        return _export(args) if args.verb == "export" else _data(args)
     # overrides may also follow an option (clipft validate R --ckpt C key=value)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:

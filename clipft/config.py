@@ -142,15 +142,38 @@ class ClassesConfig:
 
 
 @dataclass
+class WebDatasetConfig:
+    """``data.source: webdataset``: tar shards (clipft/data/shards.py, README: WebDataset shards)."""
+
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # first present wins
+    caption_key: str = "txt"
+    # samples per epoch (every device yields epoch_samples // (devices x batch_size) batches);
+    # null: the sum of the shards' entries in the sizes.json next to them
+    epoch_samples: Optional[int] = None
+    # draw shards with replacement (an endless stream cut into epochs of epoch_samples)
+    resampled: bool = False
+    # resampled: one weight per '::'-separated source; each shard of source i is drawn
+    # weights[i] times as often (open_clip_train's upsampling factors). null: all 1.
+    weights: Optional[list[float]] = None
+    shuffle_buffer: int = 1000  # samples (undecoded) per worker; 0: shard order
+
+
+@dataclass
 class DataConfig:
-    # synthetic | csv (also .tsv and .jsonl files) | folder (one sub-folder of images per class)
+    # synthetic | csv (also .tsv and .jsonl files) | folder (one sub-folder of images per class) |
+    # webdataset (tar shards)
     source: str = "synthetic"
-    train: Optional[str] = None  # csv: table of image paths and captions; folder: the image folder
-    val: Optional[str] = None
+    # csv: table of image paths and captions; folder: the image folder; webdataset: shards,
+    # brace-expanded ('data/shard-{000000..000099}.tar', a folder of .tar files, URLs; sources
+    # joined with '::')
+    train: Optional[str] = None
+    val: Optional[str] = None  # the same kind as train (webdataset: local shards, or a table)
     image_key: str = "filepath"  # column holding the image path (relative to the table)
     caption_key: str = "title"  # column holding the caption
     separator: Optional[str] = None  # null: from the extension (.csv ",", .tsv tab)
-    on_bad_sample: str = "error"  # error | skip (skipped rows are counted and reported)
+    # error | skip (skipped rows/samples are counted and reported). null: error for tables
+    # (checked before training), skip for shards (read while training; the count is logged)
+    on_bad_sample: Optional[str] = None
     batch_size: int = 128
     val_batch_size: Optional[int] = None  # null: same as batch_size
     num_workers: int = 0
@@ -163,6 +186,7 @@ class DataConfig:
     pad_fill: int = 0
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    webdataset: WebDatasetConfig = field(default_factory=WebDatasetConfig)
     # NegCLIP's hard images: every training pair brings one of its image's k nearest
     # neighbours (starting model's embedding, computed once and cached) as an extra pair, so a
     # batch holds 2 x data.batch_size pairs. 0: off (NegCLIP: 3).
@@ -304,10 +328,10 @@ LIGHTNING_PRECISION = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.monitor_mode": ("min", "max"),
     "run.omp_wait_policy": ("PASSIVE", "ACTIVE"),
-    "data.source": ("synthetic", "csv", "folder"),
+    "data.source": ("synthetic", "csv", "folder", "webdataset"),
     "data.classes.task": ("shape", "colour", "object"),
     "data.classes.train_classes": ("base", "all"),
-    "data.on_bad_sample": ("error", "skip"),
+    "data.on_bad_sample": (None, "error", "skip"),
     "data.train_transform": ("train", "val", "scale_shift"),
     "optim.schedule": ("cosine", "constant"),
     "eval.zeroshot.source": ("synthetic", "csv", "folder"),
@@ -497,6 +521,12 @@ def _check_values(cfg: DictConfig) -> None:
          "must be in [0, 1) (null: no EMA)"),
         (cfg.data.val_batch_size is None or cfg.data.val_batch_size > 0, "data.val_batch_size", "must be > 0"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (cfg.data.webdataset.epoch_samples is None or cfg.data.webdataset.epoch_samples > 0,
+         "data.webdataset.epoch_samples", "must be > 0 (null: from sizes.json)"),
+        (cfg.data.webdataset.shuffle_buffer >= 0, "data.webdataset.shuffle_buffer", "must be >= 0"),
+        (len(cfg.data.webdataset.image_keys) > 0, "data.webdataset.image_keys", "name at least one image extension"),
+        (cfg.data.webdataset.weights is None or all(w > 0 for w in cfg.data.webdataset.weights),
+         "data.webdataset.weights", "must be > 0"),
         (cfg.data.synthetic.train_size > 0 and cfg.data.synthetic.val_size > 0, "data.synthetic", "sizes must be > 0"),
         (cfg.run.threads >= 0, "run.threads", "must be >= 0 (0 = the cores this process may use)"),
         (cfg.run.checkpoint_every_n_steps > 0, "run.checkpoint_every_n_steps", "must be > 0"),
@@ -607,7 +637,11 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
     if cfg.data.source in ("csv", "folder") and not cfg.data.train:
         what = "a table of image paths and captions" if cfg.data.source == "csv" else "an image folder"
         raise ConfigError(f"data.train: {what} is required when data.source={cfg.data.source}")
+    if cfg.data.source == "webdataset":
+        _check_webdataset(cfg.data)
     classes = cfg.data.classes
+    if classes.enabled and cfg.data.source == "webdataset":
+        raise ConfigError("data.classes: class-labelled data comes from synthetic, csv or folder sources, not webdataset")
     if classes.templates and classes.template_set:
         raise ConfigError("data.classes: give templates or template_set, not both")
     if classes.shots is not None and classes.shots < 1:
@@ -619,17 +653,34 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
             raise ConfigError(f"eval.zeroshot[{i}]: give templates or template_set, not both")
     if cfg.eval.compositional.source == "folder" and not cfg.eval.compositional.path:
         raise ConfigError("eval.compositional.path: the folder of <subset>.json files is required for source=folder")
-    if cfg.data.source in ("csv", "folder") and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):
+    if cfg.data.source in ("csv", "folder", "webdataset") and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):
         raise ConfigError(
             "eval.zeroshot / eval.compositional run in the validation loop, which needs validation pairs: "
             "set data.val (a table like data.train)"
         )
-    if cfg.run.monitor.startswith("val/") and cfg.data.source in ("csv", "folder") and not cfg.data.val:
+    if cfg.run.monitor.startswith("val/") and cfg.data.source in ("csv", "folder", "webdataset") and not cfg.data.val:
         raise ConfigError(
             f"run.monitor={cfg.run.monitor} needs validation data: set data.val (a table like data.train), "
             "or monitor a train/ metric"
         )
     return cfg
+
+
+def _check_webdataset(data: DictConfig) -> None:
+    wds = data.webdataset
+    if not data.train:
+        raise ConfigError("data.train: shards are required when data.source=webdataset (e.g. 'data/shard-{000000..000099}.tar')")
+    sources = len(str(data.train).split("::"))
+    if wds.weights is not None and not wds.resampled:
+        raise ConfigError("data.webdataset.weights: source weights need data.webdataset.resampled=true")
+    if wds.weights is not None and len(wds.weights) != sources:
+        raise ConfigError(f"data.webdataset.weights: {len(wds.weights)} weights for {sources} '::'-separated sources in data.train")
+    if wds.epoch_samples is None and any("://" in s or s.startswith("pipe:") for s in str(data.train).split("::")):
+        raise ConfigError("data.webdataset.epoch_samples: required for remote shards (their sizes.json is not read)")
+    if data.hard_images > 0:
+        raise ConfigError("data.hard_images: needs random access to the training images; use a table (data.source=csv)")
+    if data.negatives.count > 0 and data.negatives.column:
+        raise ConfigError("data.negatives.column: shards carry no negatives column; leave it null (rule-made negatives)")
 
 
 def load_config(recipe: Optional[str | Path], overrides: Optional[list[str]] = None) -> RunConfig:

@@ -43,6 +43,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # the training sampler itself resumes mid-epoch (datamodule.TrainingOrder), from the global step
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+# a shard stream's length is exact: every rank and worker follows one plan (data/shards.py)
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 def lightning_precision(name: str) -> str:
     """Lightning's name for an open_clip (or Lightning) precision name; validated in config."""
@@ -337,8 +339,7 @@ def _bound_epochs_by_steps(trainer: L.Trainer, cfg: RunConfig, datamodule: Image
     t = cfg.trainer
     if t.max_steps <= 0 or t.max_epochs is not None or t.limit_train_batches is not None:
         return
-    samples = len(datamodule.train_fetch) if datamodule.train_fetch is not None else 0  # type: ignore[arg-type]
-    batches = samples // (cfg.data.batch_size * trainer.world_size)
+    batches = datamodule.train_size() // (cfg.data.batch_size * trainer.world_size)
     if batches > 0:
         trainer.fit_loop.max_epochs = math.ceil(t.max_steps * t.accumulate_grad_batches / batches)
 
@@ -372,6 +373,9 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         resumed_from=str(run.resume_from) if run.resume_from else None,
         threads=torch.get_num_threads(),
     )
+    if run.datamodule.train_shards is not None:  # bad samples met while streaming, over all ranks
+        skipped = trainer.strategy.reduce(torch.tensor(float(run.datamodule.skipped_samples), device=trainer.strategy.root_device), reduce_op="sum")
+        run.report.extra["data"]["train_skipped_samples"] = int(skipped.item())
     if trainer.global_step > step_at_start and train_time > 0:
         run.report.extra["steps_per_s"] = round((trainer.global_step - step_at_start) / train_time, 2)
     run.report.write(trainer)

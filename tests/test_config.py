@@ -135,5 +135,6 @@ def test_every_shipped_recipe_validates(recipe: Path) -> None:
 
 @pytest.mark.parametrize("block", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_building_block_validates(block: Path) -> None:
-    cfg = compose(block, ["data.train=x.csv", "data.val=y.csv"] if block.name == "csv.yaml" else [])
+    needs_data = {"csv.yaml": ["data.train=x.csv", "data.val=y.csv"], "webdataset.yaml": ["data.train=shards", "data.val=val"]}
+    cfg = compose(block, needs_data.get(block.name, []))
     assert cfg is not None

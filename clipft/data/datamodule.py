@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import logging
+
 import lightning as L
 import numpy as np
 import torch
@@ -20,9 +22,14 @@ from clipft.data import synthetic
 from clipft.data.classes import ClassFetch, ClassSet, Labelled, few_shot_indices, read_class_names, template_list
 from clipft.data.hard_images import WithHardImages
 from clipft.data.negatives import negatives as draw_negatives
+from clipft.data.shards import (
+    ShardFetch, ShardSet, ShardStream, check_first_sample, epoch_length, expand_shards, index_shards, is_table,
+)
 from clipft.data.synthetic import SyntheticScenes, label_of, one_object_eval_set
 from clipft.data.transforms import array_transform
 from clipft.data.table import Table, load_rgb, read_image_folder, read_table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,7 +169,7 @@ def collate_labelled(items: Sequence[tuple[torch.Tensor, int | Labelled, str]]) 
 
 
 class ImageTextDataModule(L.LightningDataModule):
-    """Train and validation pairs of one source (``data.source``: synthetic | csv).
+    """Train and validation pairs of one source (``data.source``: synthetic | csv | webdataset).
 
     Sources are read and checked in :meth:`prepare_sources` (called by ``setup``, and by the
     CLI before the model is built, so that bad data fails before anything else happens).
@@ -188,6 +195,9 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_collate = CollatePairs(tokenizer, cfg.negatives, seed)
         self.seed = seed
         self.train_fetch: Optional[Callable[[int], Any]] = None
+        self.train_shards: Optional[ShardSet] = None  # webdataset: streamed, not fetched by index
+        self.train_epoch_samples = 0
+        self.skipped_samples = 0  # bad training samples skipped while streaming shards (this process)
         self.hard_neighbours: Optional[torch.Tensor] = None  # [N, k] (data.hard_images), set by the runner
         self.val_fetch: Optional[Callable[[int], Any]] = None
         self.classes: Optional[ClassSet] = None  # class-based sources (data.classes)
@@ -198,7 +208,7 @@ class ImageTextDataModule(L.LightningDataModule):
         return self.cfg.source == "folder" or self.cfg.classes.enabled
 
     def prepare_sources(self) -> None:
-        if self.train_fetch is not None:
+        if self.train_fetch is not None or self.train_shards is not None:
             return
         cfg = self.cfg
         if self.class_based:
@@ -214,6 +224,17 @@ class ImageTextDataModule(L.LightningDataModule):
                 raise ValueError("data.train: a table path is required when data.source=csv")
             self.train_fetch = TableFetch(self._table(cfg.train, negatives=True))
             self.val_fetch = TableFetch(self._table(cfg.val)) if cfg.val else None
+        elif cfg.source == "webdataset":
+            if not cfg.train:
+                raise ValueError("data.train: shards are required when data.source=webdataset")
+            shards = expand_shards(cfg.train)
+            self.train_epoch_samples = epoch_length(shards, cfg.webdataset)
+            check_first_sample(shards, cfg.webdataset)
+            self.train_shards = shards
+            if cfg.val:
+                on_bad = cfg.on_bad_sample or "skip"
+                self.val_fetch = TableFetch(self._table(cfg.val)) if is_table(cfg.val) else ShardFetch(
+                    index_shards(cfg.val, cfg.webdataset, on_bad))
         else:  # config validation already names the allowed values
             raise ValueError(f"data.source: unknown source '{cfg.source}'")
 
@@ -271,20 +292,41 @@ class ImageTextDataModule(L.LightningDataModule):
         column = cfg.negatives.column if negatives and cfg.negatives.count > 0 else None
         return read_table(path, cfg.image_key, cfg.caption_key, cfg.separator, cfg.on_bad_sample, negatives_key=column)
 
+    def train_size(self) -> int:
+        """Training samples per epoch (shards: data.webdataset.epoch_samples or sizes.json)."""
+        self.prepare_sources()
+        return self.train_epoch_samples if self.train_shards is not None else len(self.train_fetch)  # type: ignore[arg-type]
+
     def summary(self) -> dict[str, Any]:
         """Sizes and skipped-row counts, for the run report."""
-        self.prepare_sources()
-        out: dict[str, Any] = {"source": self.cfg.source, "train_size": len(self.train_fetch)}  # type: ignore[arg-type]
+        out: dict[str, Any] = {"source": self.cfg.source, "train_size": self.train_size()}
         out["val_size"] = len(self.val_fetch) if self.val_fetch is not None else 0  # type: ignore[arg-type]
         for split, fetch in (("train", self.train_fetch), ("val", self.val_fetch)):
             fetch = fetch.fetch if isinstance(fetch, ClassFetch) else fetch
             if isinstance(fetch, TableFetch):
                 out[f"{split}_skipped_rows"] = len(fetch.table.skipped)
+            if isinstance(fetch, ShardFetch):
+                out[f"{split}_skipped_samples"] = len(fetch.index.skipped)
         if self.classes is not None:
             out["classes"] = len(self.classes.names)
             out["train_classes"] = len(self.train_classes)
             out["shots"] = self.cfg.classes.shots
+        if self.train_shards is not None:
+            out["train_shards"] = len(self.train_shards)
+            out["train_skipped_samples"] = self.skipped_samples
         return out
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the bad samples a shard stream skipped (they travel with the next batch)."""
+        skipped = getattr(batch, "skipped_samples", 0)
+        if skipped:
+            del batch.skipped_samples
+            before = self.skipped_samples
+            self.skipped_samples += skipped
+            if before == 0 or before.bit_length() != self.skipped_samples.bit_length():  # at 1, 2, 4, 8, ...
+                log.warning("%s: %d bad training samples skipped so far (data.on_bad_sample)", self.cfg.train,
+                            self.skipped_samples)
+        return batch
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.prepare_sources()
@@ -366,9 +408,33 @@ class ImageTextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.prepare_sources()
+        if self.train_shards is not None:
+            return self._shard_loader(self.train_shards)
         assert self.train_fetch is not None
         transform = self._transform(self.train_fetch, self.preprocess_train)
         return self._loader(TransformedImages(self.train_fetch, transform), self.cfg.batch_size, True)
+
+    def _shard_loader(self, shards: ShardSet) -> DataLoader:
+        """Batches collated in the workers (one rank's :class:`ShardStream`); workers persist,
+        since each keeps the stream's position."""
+        cfg = self.cfg
+        world, rank = self._world()
+        stream = ShardStream(
+            shards, cfg.webdataset, self.train_epoch_samples, cfg.batch_size, self.preprocess_train,
+            self.train_collate, world=world, rank=rank, seed=self.seed, on_bad_sample=cfg.on_bad_sample or "skip",
+        )
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # a resumed run continues after the last batch it trained on
+            stream.start_at(trainer.global_step * trainer.accumulate_grad_batches)
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            pin_memory=torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory,
+            persistent_workers=cfg.num_workers > 0,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         self.prepare_sources()
