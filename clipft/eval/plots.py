@@ -40,12 +40,10 @@ def plot_training_curves(metrics_csv: Path, out_png: Path, title: Optional[str] 
     val = {k: v for k, v in series.items() if k.startswith("val/") and not k.endswith(("n_images", "n_texts", "n_pairs"))}
     if not train and not val:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig = Figure(figsize=(12, 4.2))
+    axes = fig.subplots(1, 2)
     for key, points in sorted(train.items()):
         steps, values = zip(*points)
         axes[0].plot(steps, values, label=key, linewidth=1)
@@ -67,7 +65,6 @@ def plot_training_curves(metrics_csv: Path, out_png: Path, title: Optional[str] 
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
     return out_png
 
 
@@ -77,10 +74,7 @@ def plot_modality_gap(
     """2-D PCA projection (fitted on both modalities together) of image and text embeddings,
     coloured by modality, with paired points joined for a sample of pairs and the gap
     figures in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
     import torch
 
     both = torch.cat([image, text]).double()
@@ -88,7 +82,8 @@ def plot_modality_gap(
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     xy = (centred @ v[:2].T).numpy()
     n = image.shape[0]
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig = Figure(figsize=(6.4, 5.6))
+    ax = fig.subplots()
     for i in range(0, n, max(1, n // 60)):  # a few pair lines show how far pairs sit apart
         ax.plot([xy[i, 0], xy[n + i, 0]], [xy[i, 1], xy[n + i, 1]], color="0.8", linewidth=0.5, zorder=1)
     ax.scatter(xy[:n, 0], xy[:n, 1], s=6, alpha=0.6, label="image", color="tab:blue", zorder=2)
@@ -111,5 +106,4 @@ def plot_modality_gap(
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
     return out_png
