@@ -1,7 +1,7 @@
 """MMRL and MMRL++ against zero-shot and a linear probe, base-to-novel (CoOp's protocol), from
 the same frozen starting model and the same k-shot sample.
 
-    python benchmarks/mmrl.py                      # recipes/mmrl.yaml: synthetic objects
+    python benchmarks/mmrl.py                      # recipes/mmrl.yaml and mmrlpp.yaml: synthetic objects
     python benchmarks/mmrl.py --seeds 1 2 3        # mean ± s.d. over few-shot samples
 
 Rows: zero-shot (the start, its class prompts); a linear probe on the frozen image features of
@@ -75,6 +75,7 @@ def linear_probe(recipe: str, overrides: list[str], steps: int = 300) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/mmrl.yaml")
+    parser.add_argument("--recipe-plus", default="recipes/mmrlpp.yaml", help="the MMRL++ arm's recipe")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--name", default="mmrl_synthetic", help="benchmarks/results/<name>.md")
@@ -86,7 +87,7 @@ def main() -> None:
                                           out / f"zeroshot_{seed}"),
         "linear probe (base), zero-shot (novel)": lambda seed: linear_probe(args.recipe, [f"run.seed={seed}"]),
         "MMRL": lambda seed: run_arm(args.recipe, [*quiet, f"run.seed={seed}"], [], out / f"mmrl_{seed}"),
-        "MMRL++": lambda seed: run_arm(args.recipe, [*quiet, f"run.seed={seed}"], ["method.plus=true"], out / f"mmrlpp_{seed}"),
+        "MMRL++": lambda seed: run_arm(args.recipe_plus, [*quiet, f"run.seed={seed}"], [], out / f"mmrlpp_{seed}"),
     }
     keys = ("base", "novel", "hm")
     lines = [f"### Base-to-novel, {args.recipe}, seeds {args.seeds} (k-shot sample and training)", "",
