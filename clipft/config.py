@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -582,8 +583,6 @@ def _without_method_keys(layer: DictConfig, file_method: str, schema: RunConfig)
     dropped = sorted(str(k) for k in section if k not in known)
     if not dropped:
         return layer
-    import logging
-
     logging.getLogger(__name__).info("method.name overridden: leaving out method %s's keys %s", file_method, dropped)
     layer = layer.copy()
     for key in dropped:

@@ -219,6 +219,9 @@ class MMRL(ContrastiveMethod):
         self.model.requires_grad_(False)
         keep_in_eval(self.model)
         self.tokens = RepresentationTokens(self.cfg.method, self.model)
+        # the model with its tokens, as an export loads it (kept out of the module tree: its
+        # parts are registered above already)
+        self._with_tokens = {"model": MMRLModel(self.model, self.tokens)}
         self.train_classes: list[int] = []
         # set at fit start from the data module's classes: prompts of the classes trained on,
         # [C·T, L] token ids (T templates per class), and the frozen model's class features
@@ -263,15 +266,13 @@ class MMRL(ContrastiveMethod):
 
     # the class-token branch: what retrieval, zero-shot and the exported model use
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        features = self.tokens.image(self.model, images)[0]
-        return F.normalize(features, dim=-1) if normalize else features
+        return self._with_tokens["model"].encode_image(images, normalize)
 
     def encode_text(self, texts: Tensor, normalize: bool = True) -> Tensor:
-        features = self.tokens.text(self.model, texts)
-        return F.normalize(features, dim=-1) if normalize else features
+        return self._with_tokens["model"].encode_text(texts, normalize)
 
     def classify(self, images: Tensor, class_features: Tensor, seen: bool) -> Tensor:
-        return self.tokens.classify(self.model, images, class_features, seen)
+        return self._with_tokens["model"].classify(images, class_features, seen)
 
     def encode_batch(self, batch: Batch) -> dict[str, Tensor]:
         class_feature, representation = self.tokens.image(self.model, batch.images)

@@ -186,14 +186,6 @@ def image_depth(model: nn.Module) -> int:
     return tower_depth(vision_transformer(model).transformer)
 
 
-def image_post_norm(model: nn.Module) -> nn.Module:
-    return vision_transformer(model).ln_post
-
-
-def image_projection(model: nn.Module) -> Optional[Tensor]:
-    return vision_transformer(model).proj
-
-
 __all__ = [
     "LayerTokens",
     "TokenHookError",
@@ -201,8 +193,6 @@ __all__ = [
     "encode_image_with_tokens",
     "encode_text_with_tokens",
     "image_depth",
-    "image_post_norm",
-    "image_projection",
     "image_width",
     "text_depth",
     "text_width",
