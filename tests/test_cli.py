@@ -77,7 +77,9 @@ def test_fit_learns_resumes_and_validates(fast_overrides: list[str], capsys: pyt
     assert steps[:2] == [19, 35] and steps[-1] == 59  # history kept, new rows appended
 
     # validating the best checkpoint again reproduces its retrieval score
-    best = report["best_checkpoint"]
+    # report.json gives checkpoint paths relative to the run folder
+    assert (report["best_checkpoint"], report["last_checkpoint"]) == ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
+    best = str(run / report["best_checkpoint"])
     best_score = torch.load(best, weights_only=True)["callbacks"]
     capsys.readouterr()
     assert main(["validate", QUICKSTART, *fast_overrides, "--ckpt", best]) == 0

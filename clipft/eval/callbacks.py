@@ -111,8 +111,24 @@ class ValidationFeatures(L.Callback):
             if keep is not None:  # drop the repeats that even out the ranks' shards
                 image, text = image[keep], text[keep]
                 captions, image_ids = [captions[i] for i in keep], [image_ids[i] for i in keep]
+            _check_finite(trainer, image, text)
             self._gathered = PairFeatures(image=image, text=text, captions=captions, image_ids=image_ids)
         return self._gathered
+
+
+class NonFiniteFeatures(ValueError):
+    """The model's validation features hold NaN or inf: its weights do (says what to do)."""
+
+
+def _check_finite(trainer: L.Trainer, image: torch.Tensor, text: torch.Tensor) -> None:
+    """Every rank holds the same gathered features, so every rank stops here together."""
+    bad = {name: int((~torch.isfinite(f).all(dim=-1)).sum()) for name, f in (("image", image), ("text", text))}
+    if any(bad.values()):
+        which = ", ".join(f"{n} of {len(image)} {name} features" for name, n in bad.items() if n)
+        raise NonFiniteFeatures(
+            f"validation at step {trainer.global_step}: {which} are NaN or inf, so the model's weights are: "
+            "evaluate an earlier checkpoint, or train again with a lower optim.lr / trainer.gradient_clip_val"
+        )
 
 
 class RetrievalCallback(L.Callback):

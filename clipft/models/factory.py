@@ -299,9 +299,10 @@ def _fmt(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_pretrained_file(model: nn.Module, path: str | Path) -> None:
+def load_pretrained_file(model: nn.Module, path: str | Path, label: str = "model.pretrained") -> None:
     """Load weights from a local file into ``model``. If the file does not fit the
-    architecture, fail with the missing, unexpected and wrongly shaped keys."""
+    architecture, fail with the missing, unexpected and wrongly shaped keys; messages start
+    with ``label``, the setting that named the file."""
     state = read_state_dict(path)
     own = model.state_dict()
     # Same conventions as open_clip's loader: scalar-vs-1d logit scale, and position
@@ -323,8 +324,14 @@ def load_pretrained_file(model: nn.Module, path: str | Path) -> None:
         for k in own
         if k in state and state[k].shape != own[k].shape
     )
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all()))
+    if nonfinite:
+        raise ModelError(
+            f"{label}: '{path}' holds NaN or inf in {len(nonfinite)} weight tensors (first: {nonfinite[0]}); "
+            "the run that wrote it diverged: use an earlier checkpoint"
+        )
     if missing or unexpected or mismatched:
-        parts = [f"model.pretrained: '{path}' does not fit the architecture of this model"]
+        parts = [f"{label}: '{path}' does not fit the architecture of this model"]
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_fmt(missing)}")
         if unexpected:
