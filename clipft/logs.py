@@ -1,12 +1,17 @@
 """A CSV logger that continues ``metrics.csv`` when a run resumes.
 
 Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts, so a resumed run
-would lose its history. This one keeps exactly the rows that were logged before the
-checkpoint it resumes from, and appends the new ones: every checkpoint records how many rows
-the file held when it was written (:class:`LoggedRowsInCheckpoint`, which first flushes the
-logger), so rows logged after it, by a run killed or stopped later, are dropped (they are
-trained again) and each (step, metric) appears once. A checkpoint without that record (older
-clipft) keeps the rows logged before its global step.
+would lose its history. This one keeps the rows of what the resumed run will not do again,
+and appends the new ones, so that each (step, metric) appears once after a kill and a resume:
+
+* rows of steps before the checkpoint's global step N. Rows are logged under the step that
+  was trained (0-based), and Lightning writes a step's train row just *after* the checkpoint
+  saved at the end of that step, so the row of step N-1 may come after checkpoint N; rows of
+  step N and later were logged by a run that went on past the checkpoint, and the resumed
+  run logs them again;
+* every row logged before the checkpoint was written, whatever its step (a final validation
+  at step N): each checkpoint records how many rows the file held then
+  (:class:`LoggedRowsInCheckpoint`, which flushes the logger first).
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ class _ContinuingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             keys = list(reader.fieldnames or [])
             rows = list(reader)
-        if self._keep_rows is not None:
-            rows = rows[: self._keep_rows]
-        else:
-            rows = [r for r in rows if r.get("step") and int(float(r["step"])) < self._keep_before_step]
+        # rows of steps before the checkpoint's (a step's train row is logged just after the
+        # checkpoint saved at its end), and every row logged before the checkpoint was written
+        # (a final validation at its own step)
+        step = self._keep_before_step if self._keep_before_step is not None else 0
+        keep = self._keep_rows or 0
+        rows = [r for i, r in enumerate(rows) if i < keep or (r.get("step") and int(float(r["step"])) < step)]
         tmp = path + ".tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
@@ -60,9 +67,9 @@ class _ContinuingWriter(ExperimentWriter):
 
 
 class ContinuingCSVLogger(CSVLogger):
-    """``CSVLogger(save_dir=run_dir, name="", version="")`` that keeps history on resume:
-    the first ``keep_rows`` rows of an existing metrics.csv (or, if that is unknown, the rows
-    before step ``keep_before_step``); neither: a new file."""
+    """``CSVLogger(save_dir=run_dir, name="", version="")`` that keeps history on resume: of
+    an existing metrics.csv, the first ``keep_rows`` rows and the rows of steps before
+    ``keep_before_step``; neither given: a new file."""
 
     def __init__(self, run_dir: str, keep_rows: Optional[int] = None, keep_before_step: Optional[int] = None) -> None:
         super().__init__(save_dir=run_dir, name="", version="")

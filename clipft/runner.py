@@ -239,6 +239,16 @@ class LoggerStepIsGlobalStep(L.Callback):
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
+class DataResumesAtGlobalStep(L.Callback):
+    """When training starts (a resumed run has restored its global step by then, and no
+    batch has been drawn yet), the training order moves past the batches already trained."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if isinstance(datamodule, ImageTextDataModule):
+            datamodule.start_training_at(trainer.global_step * trainer.accumulate_grad_batches)
+
+
 def build_callbacks(
     cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path] = None, datamodule: Optional[ImageTextDataModule] = None
 ) -> list[L.Callback]:
@@ -345,7 +355,7 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
             ),
             LearningRateMonitor(logging_interval="step"),
         ]
-    callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint()]
+    callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint(), DataResumesAtGlobalStep()]
     t = cfg.trainer
     optional = {
         k: v

@@ -343,9 +343,7 @@ class ImageTextDataModule(L.LightningDataModule):
         batches: dict[str, Any] = {"batch_size": batch_size, "drop_last": train}
         if train:  # a shuffled 1/world of the samples per rank, none twice, resumable
             sampler = TrainingOrder(len(dataset), world, rank, self.seed, batch_size)  # type: ignore[arg-type]
-            trainer = getattr(self, "trainer", None)
-            if trainer is not None:  # a resumed run continues after the last batch it trained on
-                sampler.start_at(trainer.global_step * trainer.accumulate_grad_batches)
+            self._training_stream = sampler
             if self.hard_neighbours is not None:  # each batch followed by its pairs' hard images
                 batches = {"batch_sampler": WithHardImages(sampler, batch_size, self.hard_neighbours, self.seed)}
                 sampler = None
@@ -406,6 +404,15 @@ class ImageTextDataModule(L.LightningDataModule):
             raise ValueError("base-to-novel evaluation needs class-labelled validation data (data.classes, data.val)")
         return TransformedImages(self.val_fetch, self._transform(self.val_fetch, self.preprocess_val))
 
+    def start_training_at(self, batches: int) -> None:
+        """Put the training order after the first ``batches`` batches of the run, so that a
+        resumed run trains on what the uninterrupted run would have. Called when training
+        starts: Lightning builds the training loader earlier (to count the steps for the
+        schedule), before a resumed run has restored its global step."""
+        stream = getattr(self, "_training_stream", None)
+        if stream is not None:
+            stream.start_at(batches)
+
     def train_dataloader(self) -> DataLoader:
         self.prepare_sources()
         if self.train_shards is not None:
@@ -423,9 +430,7 @@ class ImageTextDataModule(L.LightningDataModule):
             shards, cfg.webdataset, self.train_epoch_samples, cfg.batch_size, self.preprocess_train,
             self.train_collate, world=world, rank=rank, seed=self.seed, on_bad_sample=cfg.on_bad_sample or "skip",
         )
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:  # a resumed run continues after the last batch it trained on
-            stream.start_at(trainer.global_step * trainer.accumulate_grad_batches)
+        self._training_stream = stream
         return DataLoader(
             stream,
             batch_size=None,
