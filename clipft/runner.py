@@ -148,8 +148,8 @@ def new_run_dir(cfg: RunConfig) -> Path:
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise ConfigError(
-            f"run.out_dir: cannot create the run folder under '{cfg.run.out_dir}' ({reason}: "
-            f"{err.filename or base}); set run.out_dir to a folder you can write to"
+            f"run.out_dir: cannot create the run folder under '{cfg.run.out_dir}' ({reason}); "
+            "set run.out_dir to a folder you can write to"
         ) from err
 
 
