@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("recipe", help="recipe YAML")
     info.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    info.add_argument("--gpu-memory", metavar="SIZE",
+                      help="warn when the memory estimate exceeds SIZE (80GB, 141GiB) and say what would fit")
     info.add_argument(
         "--launcher", choices=["slurm", "torchrun"],
         help="print instead a SLURM script or torchrun command for this recipe (docs/multinode.md)",
@@ -177,7 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from clipft.models import ModelError
 
     try:
-        cfg = load_config(args.recipe, list(args.overrides))
+        # info reads no data: a recipe's data files need not exist yet
+        cfg = load_config(args.recipe, list(args.overrides), check_data=args.verb != "info")
         from clipft import runner
 
         if args.verb == "info" and args.launcher:
@@ -186,11 +189,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(launch_command(cfg, args.recipe, list(args.overrides), args.launcher))
             return 0
         if args.verb == "info":
-            result = runner.info(cfg)
+            from clipft.memory import parse_size
+
+            budget = parse_size(args.gpu_memory) if args.gpu_memory else None
+            result = runner.info(cfg, budget)
             print(to_yaml(cfg), end="")
             print("parameters:")
             for part, counts in result["parameters"].items():
                 print(f"  {part:6s} total {counts['total']:>13,}  trainable {counts['trainable']:>13,}")
+            print("\n".join(result["memory"]))
             return 0
         if args.verb == "fit":
             report = runner.fit(cfg)

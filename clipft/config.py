@@ -595,9 +595,10 @@ def _without_method_keys(layer: DictConfig, file_method: str, schema: RunConfig)
     return layer
 
 
-def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None) -> DictConfig:
+def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None, check_data: bool = True) -> DictConfig:
     """Merge defaults, the recipe with its includes, and the overrides into a validated
-    (structured, typed) OmegaConf config."""
+    (structured, typed) OmegaConf config. ``check_data=False``: the data tables a run needs
+    may be unset (``clipft info`` reads none)."""
     layers: list[tuple[str, DictConfig]] = []
     if recipe is not None:
         layers.extend(_read_yaml(Path(recipe)))
@@ -639,11 +640,6 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
         raise ConfigError(f"could not resolve interpolation: {err}") from err
     _check_choices(cfg)
     _check_values(cfg)
-    if cfg.data.source in ("csv", "folder") and not cfg.data.train:
-        what = "a table of image paths and captions" if cfg.data.source == "csv" else "an image folder"
-        raise ConfigError(f"data.train: {what} is required when data.source={cfg.data.source}")
-    if cfg.data.source == "webdataset":
-        _check_webdataset(cfg.data)
     classes = cfg.data.classes
     if classes.enabled and cfg.data.source == "webdataset":
         raise ConfigError("data.classes: class-labelled data comes from synthetic, csv or folder sources, not webdataset")
@@ -652,10 +648,23 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
     if classes.shots is not None and classes.shots < 1:
         raise ConfigError(f"data.classes.shots: must be >= 1 (or null for all images), got {classes.shots}")
     for i, task in enumerate(cfg.eval.zeroshot):
-        if task.source in ("csv", "folder") and not task.data:
-            raise ConfigError(f"eval.zeroshot[{i}].data: a table or image folder is required for source={task.source}")
         if task.templates and task.template_set:
             raise ConfigError(f"eval.zeroshot[{i}]: give templates or template_set, not both")
+    if check_data:
+        _check_data_given(cfg)
+    return cfg
+
+
+def _check_data_given(cfg: DictConfig) -> None:
+    """The data a run reads is named (tables, folders, shards)."""
+    if cfg.data.source in ("csv", "folder") and not cfg.data.train:
+        what = "a table of image paths and captions" if cfg.data.source == "csv" else "an image folder"
+        raise ConfigError(f"data.train: {what} is required when data.source={cfg.data.source}")
+    if cfg.data.source == "webdataset":
+        _check_webdataset(cfg.data)
+    for i, task in enumerate(cfg.eval.zeroshot):
+        if task.source in ("csv", "folder") and not task.data:
+            raise ConfigError(f"eval.zeroshot[{i}].data: a table or image folder is required for source={task.source}")
     if cfg.eval.compositional.source == "folder" and not cfg.eval.compositional.path:
         raise ConfigError("eval.compositional.path: the folder of <subset>.json files is required for source=folder")
     if cfg.data.source in ("csv", "folder", "webdataset") and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):
@@ -668,7 +677,6 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None)
             f"run.monitor={cfg.run.monitor} needs validation data: set data.val (a table like data.train), "
             "or monitor a train/ metric"
         )
-    return cfg
 
 
 def _check_webdataset(data: DictConfig) -> None:
@@ -688,9 +696,9 @@ def _check_webdataset(data: DictConfig) -> None:
         raise ConfigError("data.negatives.column: shards carry no negatives column; leave it null (rule-made negatives)")
 
 
-def load_config(recipe: Optional[str | Path], overrides: Optional[list[str]] = None) -> RunConfig:
+def load_config(recipe: Optional[str | Path], overrides: Optional[list[str]] = None, check_data: bool = True) -> RunConfig:
     """The typed :class:`RunConfig` of a recipe plus overrides (see :func:`compose`)."""
-    return to_object(compose(recipe, overrides))
+    return to_object(compose(recipe, overrides, check_data))
 
 
 def to_object(cfg: DictConfig) -> RunConfig:

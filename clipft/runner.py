@@ -503,13 +503,17 @@ def _validate(run: Run, ckpt: Optional[str]) -> dict[str, Any]:
     return {**run.report.extra, "metrics": run.report.metrics}
 
 
-def info(cfg: RunConfig) -> dict[str, Any]:
-    """Resolved config and parameter counts (the model's, as the method trains it, and the
-    method's own), without data or training."""
-    bundle = build_model(cfg.model)
-    method = build_method(cfg, bundle)
+def info(cfg: RunConfig, gpu_memory: Optional[float] = None) -> dict[str, Any]:
+    """Resolved config, parameter counts (the model's, as the method trains it, and the
+    method's own) and the memory estimate per device, from the model's structure on the meta
+    device: no weights are allocated or loaded, no data is read."""
+    from clipft.memory import count_method, report_lines
+
+    bundle = build_model(cfg.model, meta=True)
+    with torch.device("meta"):
+        method = build_method(cfg, bundle)
     counts = count_parameters(bundle.model)
     own = [p for n, p in method.named_parameters() if not n.startswith("model.")]
     if own:
         counts["method"] = {"total": sum(p.numel() for p in own), "trainable": sum(p.numel() for p in own if p.requires_grad)}
-    return {"config": to_dict(cfg), "parameters": counts}
+    return {"config": to_dict(cfg), "parameters": counts, "memory": report_lines(cfg, count_method(method), gpu_memory)}

