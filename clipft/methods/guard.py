@@ -1,0 +1,284 @@
+"""Divergence guard: a run whose loss or gradients go non-finite stops at that step (or skips
+it) and never writes a checkpoint with non-finite weights, so ``checkpoints/last.ckpt`` keeps
+the last good state to resume from (docs/divergence.md).
+
+What is checked, and how every rank reaches the same decision without a collective per step:
+
+* each loss term (``ContrastiveMethod.step_terms``) and the total, on the device, before each
+  backward;
+* the gradient norm before each optimizer step. Under DDP the gradients are all-reduced by
+  then, so the norm, and its verdict, are the same on every rank: a NaN loss on one rank makes
+  every rank's gradients NaN. Under DeepSpeed ZeRO the gradients live inside the engine; its
+  own norm (``engine.get_global_grad_norm()``, reduced across ranks) is read after its step, so
+  ``stop`` works there but ``skip`` cannot (the update is applied already; config refuses it);
+* before a checkpoint is written: every weight (a rank's shard under ZeRO-3), EMA weight and
+  optimizer state, agreed across ranks with one all-reduce (saves are rare). This also catches a
+  term that went non-finite on one rank only while the gradients stayed finite.
+
+Cost per step: one norm over the gradients and a few scalar kernels, no collective. In
+``stop`` mode the verdict is copied to the host without blocking and read at the next batch,
+validation or save (no host sync in the step); ``skip`` must know before the optimizer step,
+so it reads the verdict at once (one host sync per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import Tensor
+
+from clipft.config import PRECISION, RunConfig
+from clipft.models import read_training_state
+
+log = logging.getLogger("clipft")
+LOSS = "train/loss"
+GRADIENT = "gradient norm"
+
+
+class DivergenceError(RuntimeError):
+    """Training went non-finite; the message names the step, the term, the checkpoint to
+    resume from and what to change."""
+
+
+@dataclass
+class _Verdict:
+    """One optimizer step's result, still on the device: whether to stop, and which loss terms
+    were non-finite on this rank (read only when the step went wrong)."""
+
+    step: int
+    bad: Tensor
+    terms: Tensor
+    ready: Optional[torch.cuda.Event] = None  # the copy of ``bad`` to the host is done
+
+    def is_bad(self) -> bool:
+        if self.ready is not None:
+            self.ready.synchronize()  # waits for the backward, not for the optimizer step
+        return bool(self.bad)
+
+
+class DivergenceGuard(L.Callback):
+    """Stops (``on_nonfinite="stop"``) or drops the update of (``"skip"``, at most
+    ``patience`` steps in a row) a step with a non-finite loss term or gradient norm, and
+    refuses to save non-finite weights. ``last_checkpoint`` is the file a stopped run names
+    to resume from; ``hint`` says what to change."""
+
+    def __init__(self, on_nonfinite: str = "stop", patience: int = 5,
+                 last_checkpoint: Optional[Path] = None, hint: str = "") -> None:
+        self.on_nonfinite = on_nonfinite
+        self.patience = patience
+        self.last_checkpoint = last_checkpoint
+        self.hint = hint
+        self.skipped_steps = 0
+        self._in_a_row = 0
+        self._names: tuple[str, ...] = ()
+        self._terms: Optional[Tensor] = None  # non-finite terms since the last optimizer step
+        self._unseen: Optional[Tensor] = None  # a non-finite term the ranks have not agreed on
+        self._pending: Optional[_Verdict] = None
+        self._host: Optional[Tensor] = None  # pinned buffer the verdict is copied into
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, last_checkpoint: Path) -> "DivergenceGuard":
+        return cls(cfg.run.on_nonfinite, cfg.run.nonfinite_patience, last_checkpoint, divergence_hint(cfg))
+
+    # ------------------------------------------------------------------ per step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._settle(trainer)
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        terms = {**getattr(pl_module, "step_terms", {}), LOSS: loss}
+        bad = ~torch.isfinite(torch.stack([value.detach().float().reshape(()) for value in terms.values()]))
+        names = tuple(terms)
+        # gradient accumulation: a term counts if it was non-finite in any micro-batch
+        self._terms = bad if self._terms is None or names != self._names else self._terms | bad
+        self._names = names
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            return  # the gradients are inside the engine: judged after its step
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        # with fp16's loss scaler, overflowing gradients are routine: the scaler skips those steps
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        norm = None if scaled or not grads else torch.nn.utils.get_total_norm(grads)
+        verdict = self._verdict(trainer, norm, trainer.global_step)
+        if self.on_nonfinite == "skip":
+            self._skip_or_continue(trainer, verdict, optimizer)
+        else:
+            self._defer(verdict)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not isinstance(trainer.strategy, DeepSpeedStrategy) or self._terms is None:
+            return
+        norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()  # reduced over ranks; None if off
+        norm = None if norm is None else torch.as_tensor(norm)
+        self._defer(self._verdict(trainer, norm, trainer.global_step - 1))  # the step just taken
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._settle(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._settle(trainer)
+
+    def _verdict(self, trainer: L.Trainer, norm: Optional[Tensor], step: int) -> _Verdict:
+        """This step's verdict, on the device. What decides must be the same on every rank:
+        the (reduced) gradient norm; a rank's own loss terms decide only on one process, and
+        otherwise wait for the agreement before the next save."""
+        device = trainer.strategy.root_device
+        terms = self._terms if self._terms is not None else torch.zeros(1, dtype=torch.bool, device=device)
+        self._terms = None
+        bad = torch.zeros((), dtype=torch.bool, device=terms.device)
+        if norm is not None:
+            bad = bad | ~torch.isfinite(norm.to(terms.device))
+        if trainer.world_size == 1:
+            bad = bad | terms.any()
+        unseen = terms.any() & ~bad
+        self._unseen = unseen if self._unseen is None else self._unseen | unseen
+        return _Verdict(step, bad, terms)
+
+    def _defer(self, verdict: _Verdict) -> None:
+        """Keep the verdict to read at the next batch, validation or save: the copy to the host
+        runs behind the step instead of stopping it."""
+        if verdict.bad.is_cuda:
+            if self._host is None:
+                self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(verdict.bad, non_blocking=True)
+            verdict.ready = torch.cuda.Event()
+            verdict.ready.record()
+            verdict.bad = self._host
+        self._pending = verdict
+
+    def _settle(self, trainer: L.Trainer) -> None:
+        verdict, self._pending = self._pending, None
+        if verdict is not None and verdict.is_bad():
+            self._fail(trainer, verdict.step, self._what(trainer, verdict.terms))
+
+    def _skip_or_continue(self, trainer: L.Trainer, verdict: _Verdict, optimizer: Any) -> None:
+        """Drop the step's update (no gradients: the optimizer leaves every parameter and its
+        state as they are), or stop after ``patience`` dropped steps in a row."""
+        if not verdict.is_bad():  # the host sync that skipping costs
+            self._in_a_row = 0
+            return
+        what = self._what(trainer, verdict.terms)
+        self._in_a_row += 1
+        if self._in_a_row >= self.patience:
+            self._fail(trainer, verdict.step, f"{what} ({self._in_a_row} steps in a row, run.nonfinite_patience={self.patience})")
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        log.warning("step %d: %s is not finite: update skipped (%d in a row; the run stops at %d)",
+                    verdict.step, what, self._in_a_row, self.patience)
+
+    def _what(self, trainer: L.Trainer, terms: Tensor) -> str:
+        """The non-finite terms on any rank (a collective: called where every rank agrees that
+        the step went wrong), else the gradient norm."""
+        if trainer.world_size > 1:
+            terms = trainer.strategy.reduce(terms.float(), reduce_op="sum") > 0
+        flagged = [name for name, bad in zip(self._names, terms.tolist()) if bad]
+        named = [name for name in flagged if name != LOSS]  # a term explains the total
+        return ", ".join(named or flagged) or GRADIENT
+
+    # ------------------------------------------------------------------ saves
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write non-finite weights: every rank checks what it holds, and one
+        all-reduce (every rank takes part in a save) makes the answer the same everywhere.
+        Raising here leaves the previous checkpoint file as it was."""
+        self._settle(trainer)
+        ema = getattr(pl_module, "ema", None)
+        tensors = [
+            *_local_weights(pl_module), *(_local_weights(ema) if ema is not None else []),
+            *_tensors(checkpoint.get("optimizer_states", [])),  # not the callbacks': ±inf is a valid "no best yet"
+        ]
+        device = trainer.strategy.root_device
+        unseen = self._unseen if self._unseen is not None else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack([~_all_finite(tensors).to(device), unseen.to(device)]).float()
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        weights, terms = (bool(f > 0) for f in flags.tolist())
+        if weights or terms:
+            self._fail(trainer, trainer.global_step, "a weight or optimizer state" if weights else "a loss term on one rank")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps, "in_a_row": self._in_a_row}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._in_a_row = int(state_dict.get("in_a_row", 0))
+
+    # ------------------------------------------------------------------ the message
+
+    def _fail(self, trainer: L.Trainer, step: int, what: str) -> None:
+        message = divergence_message(step, what, self.last_checkpoint, self.hint)
+        log.error(message)
+        raise DivergenceError(message)
+
+
+def divergence_hint(cfg: RunConfig) -> str:
+    """What to change before training again, from the run's own settings."""
+    t = cfg.trainer
+    clip = f"lower trainer.gradient_clip_val (now {t.gradient_clip_val:g})" if t.gradient_clip_val else "set trainer.gradient_clip_val (e.g. 1.0)"
+    fixes = [f"lower optim.lr (now {cfg.optim.lr:g})", clip]
+    if PRECISION.get(t.precision, t.precision).startswith("16"):
+        fixes.append(f"train in fp32 or amp_bf16 instead of trainer.precision={t.precision}")
+    return ", ".join(fixes[:-1]) + " or " + fixes[-1]
+
+
+def divergence_message(step: int, what: str, last_checkpoint: Optional[Path], hint: str) -> str:
+    """One line: the step, what went non-finite, the checkpoint to resume from, what to change."""
+    if last_checkpoint is not None and last_checkpoint.exists():
+        shown = _shown(last_checkpoint)
+        saved = _saved_step(last_checkpoint)
+        at = f" (step {saved})" if saved is not None else ""
+        resume = f"the last good checkpoint is {shown}{at}: resume with run.resume={shown}"
+    else:
+        resume = "no checkpoint yet: start again"
+    return f"training diverged at step {step}: {what} is not finite; {resume} after you {hint}"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    absolute = path.resolve()
+    try:
+        return str(absolute.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(absolute)
+
+
+def _saved_step(path: Path) -> Optional[int]:
+    try:
+        step = read_training_state(path).get("global_step")
+    except Exception:  # an unreadable file is still worth naming
+        return None
+    return int(step) if step is not None else None
+
+
+def _local_weights(module: torch.nn.Module) -> Iterator[Tensor]:
+    """The parameters as this rank holds them: its shard under ZeRO-3, else the whole tensor."""
+    for param in module.parameters():
+        yield getattr(param, "ds_tensor", param).detach()
+
+
+def _tensors(tree: Any) -> Iterator[Tensor]:
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
+
+
+def _all_finite(tensors: list[Tensor]) -> Tensor:
+    """One boolean: no NaN or inf in any floating-point tensor (the max-abs norm propagates
+    both)."""
+    floats = [t for t in tensors if t.is_floating_point() and t.numel() > 0]
+    if not floats:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.nn.utils.get_total_norm(floats, norm_type=math.inf))
