@@ -121,7 +121,7 @@ def test_skip_stops_after_patience_steps_in_a_row(
     argv = ["fit", QUICKSTART, *fast_overrides, "trainer.max_steps=10", "run.on_nonfinite=skip", "run.nonfinite_patience=3"]
     assert main(argv) == 2
     line = _error_line(capsys.readouterr().err)
-    assert "diverged at step 4: train/contrastive (3 steps in a row, run.nonfinite_patience=3) is not finite" in line
+    assert "diverged at step 4: train/contrastive is not finite (3 skipped steps in a row, run.nonfinite_patience=3); " in line
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_refused_and_the_previous_one_kept(tmp_path: Path) -> None:

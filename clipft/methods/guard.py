@@ -168,7 +168,7 @@ class DivergenceGuard(L.Callback):
         what = self._what(trainer, verdict.terms)
         self._in_a_row += 1
         if self._in_a_row >= self.patience:
-            self._fail(trainer, verdict.step, f"{what} ({self._in_a_row} steps in a row, run.nonfinite_patience={self.patience})")
+            self._fail(trainer, verdict.step, what, f" ({self._in_a_row} skipped steps in a row, run.nonfinite_patience={self.patience})")
         optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
         log.warning("step %d: %s is not finite: update skipped (%d in a row; the run stops at %d)",
@@ -213,8 +213,8 @@ class DivergenceGuard(L.Callback):
 
     # ------------------------------------------------------------------ the message
 
-    def _fail(self, trainer: L.Trainer, step: int, what: str) -> None:
-        message = divergence_message(step, what, self.last_checkpoint, self.hint)
+    def _fail(self, trainer: L.Trainer, step: int, what: str, detail: str = "") -> None:
+        message = divergence_message(step, what + " is not finite" + detail, self.last_checkpoint, self.hint)
         log.error(message)
         raise DivergenceError(message)
 
@@ -230,7 +230,7 @@ def divergence_hint(cfg: RunConfig) -> str:
 
 
 def divergence_message(step: int, what: str, last_checkpoint: Optional[Path], hint: str) -> str:
-    """One line: the step, what went non-finite, the checkpoint to resume from, what to change."""
+    """One line: the step, what went wrong, the checkpoint to resume from, what to change."""
     if last_checkpoint is not None and last_checkpoint.exists():
         shown = _shown(last_checkpoint)
         saved = _saved_step(last_checkpoint)
@@ -238,7 +238,7 @@ def divergence_message(step: int, what: str, last_checkpoint: Optional[Path], hi
         resume = f"the last good checkpoint is {shown}{at}: resume with run.resume={shown}"
     else:
         resume = "no checkpoint yet: start again"
-    return f"training diverged at step {step}: {what} is not finite; {resume} after you {hint}"
+    return f"training diverged at step {step}: {what}; {resume} after you {hint}"
 
 
 def _shown(path: Path) -> str:
