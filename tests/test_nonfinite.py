@@ -135,7 +135,7 @@ def test_a_checkpoint_with_nonfinite_weights_is_refused_and_the_previous_one_kep
     before = path.read_bytes()
     with torch.no_grad():
         method.model.visual.proj[0, 0] = float("nan")
-    expected = (f"training diverged at step 0: a weight or optimizer state is not finite; the last good checkpoint is "
+    expected = (f"training diverged at step 0: a weight or optimizer state is not finite (found before a save); the last good checkpoint is "
                 f"{path} (step 0): resume with run.resume={path} after you lower optim.lr")
     with pytest.raises(DivergenceError, match=f"^{re.escape(expected)}$"):
         trainer.save_checkpoint(path)
@@ -168,14 +168,19 @@ def _worker(out: Path, nan_rank: str, *overrides: str) -> subprocess.CompletedPr
     return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
 
 
-def _stopped_at_step_4(result: subprocess.CompletedProcess, out: Path, ranks: int) -> Path:
+def _rank_errors(result: subprocess.CompletedProcess) -> list[str]:
+    """Each rank's error line (two ranks may write theirs onto one line of the shared stderr)."""
     assert result.returncode == 2, result.stderr[-3000:]
+    return re.findall(r"clipft: error: (.*?\(e\.g\. 1\.0\))", result.stderr)
+
+
+def _stopped_at_step_4(result: subprocess.CompletedProcess, out: Path, ranks: int) -> Path:
     last = _last_checkpoint(out)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("clipft: error:")]
-    assert len(lines) == ranks, result.stderr[-3000:]  # every rank stopped, with the same line
-    for line in lines:
-        assert line.startswith("clipft: error: training diverged at step 4: train/contrastive is not finite")
-        assert f"{last} (step 3)" in line
+    errors = _rank_errors(result)
+    assert len(errors) == ranks, result.stderr[-3000:]  # every rank stopped, with the same line
+    for error in errors:
+        assert error.startswith("training diverged at step 4: train/contrastive is not finite")
+        assert f"{last} (step 3)" in error
     assert read_training_state(last)["global_step"] == 3
     assert _all_finite(read_state_dict(last))
     return last
@@ -188,8 +193,22 @@ def test_two_process_ddp_nan_on_one_rank_stops_both(tmp_path: Path) -> None:
     _stopped_at_step_4(result, tmp_path, ranks=2)
 
 
-def test_deepspeed_zero2_stop(tmp_path: Path) -> None:
-    """Under ZeRO the engine's own reduced gradient norm is read after its step."""
-    result = _worker(tmp_path, "", "include=configs/trainer/deepspeed_zero2.yaml", "trainer.accelerator=cpu",
-                     "trainer.devices=1", "trainer.precision=fp32")
-    assert _stopped_at_step_4(result, tmp_path, ranks=1).is_dir()
+def test_deepspeed_zero2_nan_on_one_rank_stops_both(tmp_path: Path) -> None:
+    """Under ZeRO-2 every rank holds all the weights after the engine's step: the NaN update
+    that rank 1's loss caused shows on both at the same step."""
+    result = _worker(tmp_path, "1", "include=configs/trainer/deepspeed_zero2.yaml", "trainer.accelerator=cpu",
+                     "trainer.devices=2", "trainer.precision=fp32")
+    assert _stopped_at_step_4(result, tmp_path, ranks=2).is_dir()  # a DeepSpeed checkpoint folder
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_nan_on_one_rank_stops_both_at_the_next_validation(tmp_path: Path) -> None:
+    """Under ZeRO-3 a rank holds its shard of the weights only: the ranks agree at the next
+    validation (after step 5 here), before any checkpoint holds the NaN update of step 4."""
+    result = _worker(tmp_path, "1", "include=configs/trainer/deepspeed_zero3.yaml", "trainer.accelerator=cpu",
+                     "trainer.devices=2", "trainer.precision=fp32", "trainer.val_check_interval=5")
+    errors = _rank_errors(result)
+    assert len(errors) == 2 and all("step 4: a weight or optimizer state is not finite (found at a validation)" in e
+                                    for e in errors), result.stderr[-3000:]
+    last = _last_checkpoint(tmp_path)
+    assert read_training_state(last)["global_step"] == 3 and _all_finite(read_state_dict(last))

@@ -8,17 +8,21 @@ What is checked, and how every rank reaches the same decision without a collecti
   backward;
 * the gradient norm before each optimizer step. Under DDP the gradients are all-reduced by
   then, so the norm, and its verdict, are the same on every rank: a NaN loss on one rank makes
-  every rank's gradients NaN. Under DeepSpeed ZeRO the gradients live inside the engine; its
-  own norm (``engine.get_global_grad_norm()``, reduced across ranks) is read after its step, so
-  ``stop`` works there but ``skip`` cannot (the update is applied already; config refuses it);
-* before a checkpoint is written: every weight (a rank's shard under ZeRO-3), EMA weight and
-  optimizer state, agreed across ranks with one all-reduce (saves are rare). This also catches a
-  term that went non-finite on one rank only while the gradients stayed finite.
+  every rank's gradients NaN;
+* under DeepSpeed ZeRO the gradients live inside the engine, whose reported norm cannot show a
+  NaN (it masks each group's non-finite norm as -1), so the weights are checked after its
+  step: replicated under ZeRO-1/2 (the same verdict on every rank), a rank's own shard under
+  ZeRO-3 (agreed at the next validation or save). ``stop`` works under every stage; ``skip``
+  cannot (the update is applied by then), and config validation refuses it;
+* before a validation and before a checkpoint is written: every weight (a rank's shard under
+  ZeRO-3), EMA weight and (for a save) optimizer state, agreed across ranks with one
+  all-reduce (both are rare). This also catches a term that went non-finite on one rank only
+  while the gradients stayed finite.
 
-Cost per step: one norm over the gradients and a few scalar kernels, no collective. In
-``stop`` mode the verdict is copied to the host without blocking and read at the next batch,
-validation or save (no host sync in the step); ``skip`` must know before the optimizer step,
-so it reads the verdict at once (one host sync per step).
+Cost per step: one pass over the gradients (DeepSpeed: the local weights) and a few scalar
+kernels, no collective. In ``stop`` mode the verdict is copied to the host without blocking
+and read at the next batch, validation or save (no host sync in the step); ``skip`` must know
+before the optimizer step, so it reads the verdict at once (one host sync per step).
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from clipft.models import read_training_state
 
 log = logging.getLogger("clipft")
 LOSS = "train/loss"
-GRADIENT = "gradient norm"
 
 
 class DivergenceError(RuntimeError):
@@ -55,6 +58,7 @@ class _Verdict:
     step: int
     bad: Tensor
     terms: Tensor
+    otherwise: str  # what went non-finite when no loss term did
     ready: Optional[torch.cuda.Event] = None  # the copy of ``bad`` to the host is done
 
     def is_bad(self) -> bool:
@@ -106,41 +110,53 @@ class DivergenceGuard(L.Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         # with fp16's loss scaler, overflowing gradients are routine: the scaler skips those steps
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        norm = None if scaled or not grads else torch.nn.utils.get_total_norm(grads)
-        verdict = self._verdict(trainer, norm, trainer.global_step)
+        agreed = None if scaled or not grads else ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        verdict = self._verdict(trainer, agreed, trainer.global_step, "gradient norm")
         if self.on_nonfinite == "skip":
             self._skip_or_continue(trainer, verdict, optimizer)
         else:
             self._defer(verdict)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """DeepSpeed: judge the step by what it wrote. ZeRO's own gradient norm cannot tell (it
+        masks each parameter group's non-finite norm as -1, and reports the norm of those), so
+        look at the weights: after a ZeRO-1/2 step every rank holds all of them (the same
+        verdict everywhere); under ZeRO-3 a rank holds its shard, and the ranks agree at the
+        next validation or save."""
         if not isinstance(trainer.strategy, DeepSpeedStrategy) or self._terms is None:
             return
-        norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()  # reduced over ranks; None if off
-        norm = None if norm is None else torch.as_tensor(norm)
-        self._defer(self._verdict(trainer, norm, trainer.global_step - 1))  # the step just taken
+        nonfinite = ~_all_finite(list(_local_weights(pl_module)))
+        step = trainer.global_step - 1  # the step just taken
+        what = "the weights after the optimizer step"
+        if trainer.strategy.zero_stage_3:
+            self._defer(self._verdict(trainer, None, step, what, local=nonfinite))
+        else:
+            self._defer(self._verdict(trainer, nonfinite, step, what))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._settle(trainer)
+        self._agree(trainer, pl_module, [], "at a validation")  # non-finite weights would fail there with a traceback
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._settle(trainer)
 
-    def _verdict(self, trainer: L.Trainer, norm: Optional[Tensor], step: int) -> _Verdict:
-        """This step's verdict, on the device. What decides must be the same on every rank:
-        the (reduced) gradient norm; a rank's own loss terms decide only on one process, and
-        otherwise wait for the agreement before the next save."""
+    def _verdict(
+        self, trainer: L.Trainer, agreed: Optional[Tensor], step: int, otherwise: str, local: Optional[Tensor] = None
+    ) -> _Verdict:
+        """This step's verdict, on the device. Only what is the same on every rank decides
+        (``agreed``: a non-finite all-reduced gradient norm, or replicated weights); a rank's
+        own findings (its loss terms, its ZeRO-3 shard) decide on one process, and otherwise
+        wait for the agreement at the next validation or save."""
         device = trainer.strategy.root_device
         terms = self._terms if self._terms is not None else torch.zeros(1, dtype=torch.bool, device=device)
         self._terms = None
-        bad = torch.zeros((), dtype=torch.bool, device=terms.device)
-        if norm is not None:
-            bad = bad | ~torch.isfinite(norm.to(terms.device))
+        bad = agreed.to(device) if agreed is not None else torch.zeros((), dtype=torch.bool, device=device)
+        own = terms.any() if local is None else terms.any() | local.to(device)
         if trainer.world_size == 1:
-            bad = bad | terms.any()
-        unseen = terms.any() & ~bad
+            bad = bad | own
+        unseen = own & ~bad
         self._unseen = unseen if self._unseen is None else self._unseen | unseen
-        return _Verdict(step, bad, terms)
+        return _Verdict(step, bad, terms, otherwise)
 
     def _defer(self, verdict: _Verdict) -> None:
         """Keep the verdict to read at the next batch, validation or save: the copy to the host
@@ -157,7 +173,7 @@ class DivergenceGuard(L.Callback):
     def _settle(self, trainer: L.Trainer) -> None:
         verdict, self._pending = self._pending, None
         if verdict is not None and verdict.is_bad():
-            self._fail(trainer, verdict.step, self._what(trainer, verdict.terms))
+            self._fail(trainer, verdict.step, self._what(trainer, verdict))
 
     def _skip_or_continue(self, trainer: L.Trainer, verdict: _Verdict, optimizer: Any) -> None:
         """Drop the step's update (no gradients: the optimizer leaves every parameter and its
@@ -165,7 +181,7 @@ class DivergenceGuard(L.Callback):
         if not verdict.is_bad():  # the host sync that skipping costs
             self._in_a_row = 0
             return
-        what = self._what(trainer, verdict.terms)
+        what = self._what(trainer, verdict)
         self._in_a_row += 1
         if self._in_a_row >= self.patience:
             self._fail(trainer, verdict.step, what, f" ({self._in_a_row} skipped steps in a row, run.nonfinite_patience={self.patience})")
@@ -174,35 +190,40 @@ class DivergenceGuard(L.Callback):
         log.warning("step %d: %s is not finite: update skipped (%d in a row; the run stops at %d)",
                     verdict.step, what, self._in_a_row, self.patience)
 
-    def _what(self, trainer: L.Trainer, terms: Tensor) -> str:
+    def _what(self, trainer: L.Trainer, verdict: _Verdict) -> str:
         """The non-finite terms on any rank (a collective: called where every rank agrees that
-        the step went wrong), else the gradient norm."""
+        the step went wrong), else what the verdict looked at."""
+        terms = verdict.terms
         if trainer.world_size > 1:
             terms = trainer.strategy.reduce(terms.float(), reduce_op="sum") > 0
         flagged = [name for name, bad in zip(self._names, terms.tolist()) if bad]
         named = [name for name in flagged if name != LOSS]  # a term explains the total
-        return ", ".join(named or flagged) or GRADIENT
+        return ", ".join(named or flagged) or verdict.otherwise
 
     # ------------------------------------------------------------------ saves
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Refuse to write non-finite weights: every rank checks what it holds, and one
-        all-reduce (every rank takes part in a save) makes the answer the same everywhere.
-        Raising here leaves the previous checkpoint file as it was."""
+        """Refuse to write non-finite weights. Raising here leaves the previous checkpoint file
+        as it was."""
         self._settle(trainer)
+        # the optimizer's state, not the callbacks': ±inf is a valid "no best score yet"
+        self._agree(trainer, pl_module, list(_tensors(checkpoint.get("optimizer_states", []))), "before a save")
+
+    def _agree(self, trainer: L.Trainer, pl_module: L.LightningModule, extra: list[Tensor], where: str) -> None:
+        """Stop if any rank holds a non-finite weight (its shard under ZeRO-3), EMA weight or
+        ``extra`` tensor, or has seen a non-finite loss term the others have not: one
+        all-reduce, where every rank takes part anyway (a save, a validation)."""
         ema = getattr(pl_module, "ema", None)
-        tensors = [
-            *_local_weights(pl_module), *(_local_weights(ema) if ema is not None else []),
-            *_tensors(checkpoint.get("optimizer_states", [])),  # not the callbacks': ±inf is a valid "no best yet"
-        ]
+        tensors = [*_local_weights(pl_module), *(_local_weights(ema) if ema is not None else []), *extra]
         device = trainer.strategy.root_device
         unseen = self._unseen if self._unseen is not None else torch.zeros((), dtype=torch.bool)
         flags = torch.stack([~_all_finite(tensors).to(device), unseen.to(device)]).float()
         if trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        weights, terms = (bool(f > 0) for f in flags.tolist())
-        if weights or terms:
-            self._fail(trainer, trainer.global_step, "a weight or optimizer state" if weights else "a loss term on one rank")
+        weights, terms = (f > 0 for f in flags.tolist())
+        if weights or terms:  # found after the latest step
+            what = "a weight or optimizer state" if weights else "a loss term on one rank"
+            self._fail(trainer, max(trainer.global_step - 1, 0), what, f" (found {where})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps, "in_a_row": self._in_a_row}
