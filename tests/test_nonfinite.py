@@ -212,3 +212,14 @@ def test_deepspeed_zero3_nan_on_one_rank_stops_both_at_the_next_validation(tmp_p
                                     for e in errors), result.stderr[-3000:]
     last = _last_checkpoint(tmp_path)
     assert read_training_state(last)["global_step"] == 3 and _all_finite(read_state_dict(last))
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_verdict_is_read_one_step_later_without_a_sync(
+    fast_overrides: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CUDA path of ``stop``: pinned copy + event, read at the next batch."""
+    monkeypatch.setattr(ContrastiveMethod, "loss_terms", poisoned_loss_terms({2}))
+    argv = ["fit", QUICKSTART, *fast_overrides, "trainer.accelerator=gpu", "trainer.devices=1", "trainer.max_steps=6"]
+    assert main(argv) == 2
+    assert "training diverged at step 2: train/contrastive is not finite" in _error_line(capsys.readouterr().err)

@@ -83,7 +83,7 @@ class DivergenceGuard(L.Callback):
         self._in_a_row = 0
         self._names: tuple[str, ...] = ()
         self._terms: Optional[Tensor] = None  # non-finite terms since the last optimizer step
-        self._unseen: Optional[Tensor] = None  # a non-finite term the ranks have not agreed on
+        self._unseen: Optional[Tensor] = None  # a rank's own finding (a term, a ZeRO-3 shard) not agreed yet
         self._pending: Optional[_Verdict] = None
         self._host: Optional[Tensor] = None  # pinned buffer the verdict is copied into
 
@@ -117,7 +117,9 @@ class DivergenceGuard(L.Callback):
         else:
             self._defer(verdict)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """DeepSpeed: judge the step by what it wrote. ZeRO's own gradient norm cannot tell (it
         masks each parameter group's non-finite norm as -1, and reports the norm of those), so
         look at the weights: after a ZeRO-1/2 step every rank holds all of them (the same
@@ -184,7 +186,8 @@ class DivergenceGuard(L.Callback):
         what = self._what(trainer, verdict)
         self._in_a_row += 1
         if self._in_a_row >= self.patience:
-            self._fail(trainer, verdict.step, what, f" ({self._in_a_row} skipped steps in a row, run.nonfinite_patience={self.patience})")
+            detail = f" ({self._in_a_row} skipped steps in a row, run.nonfinite_patience={self.patience})"
+            self._fail(trainer, verdict.step, what, detail)
         optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
         log.warning("step %d: %s is not finite: update skipped (%d in a row; the run stops at %d)",
@@ -243,8 +246,11 @@ class DivergenceGuard(L.Callback):
 def divergence_hint(cfg: RunConfig) -> str:
     """What to change before training again, from the run's own settings."""
     t = cfg.trainer
-    clip = f"lower trainer.gradient_clip_val (now {t.gradient_clip_val:g})" if t.gradient_clip_val else "set trainer.gradient_clip_val (e.g. 1.0)"
-    fixes = [f"lower optim.lr (now {cfg.optim.lr:g})", clip]
+    fixes = [f"lower optim.lr (now {cfg.optim.lr:g})"]
+    if t.gradient_clip_val:
+        fixes.append(f"lower trainer.gradient_clip_val (now {t.gradient_clip_val:g})")
+    else:
+        fixes.append("set trainer.gradient_clip_val (e.g. 1.0)")
     if PRECISION.get(t.precision, t.precision).startswith("16"):
         fixes.append(f"train in fp32 or amp_bf16 instead of trainer.precision={t.precision}")
     return ", ".join(fixes[:-1]) + " or " + fixes[-1]
