@@ -176,6 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from clipft.config import ConfigError, load_config, to_yaml
     from clipft.data.table import DataError
     from clipft.eval.callbacks import NonFiniteFeatures
+    from clipft.methods.guard import DivergenceError
     from clipft.models import ModelError
 
     try:
@@ -203,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = runner.fit(cfg)
         else:
             report = runner.validate(cfg, args.ckpt)
-    except (ConfigError, DataError, ModelError, NonFiniteFeatures, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, DivergenceError, NonFiniteFeatures, FileNotFoundError) as err:
         print(f"clipft: error: {err}", file=sys.stderr)
         return 2
     _print_report(report)

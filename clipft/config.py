@@ -50,6 +50,11 @@ class RunSection:
     monitor: str = "val/loss"  # metric that picks the best checkpoint
     monitor_mode: str = "min"  # min | max
     plot: bool = True  # training curves PNG in the run folder
+    # A non-finite loss term or gradient norm (docs/divergence.md): stop the run at that step
+    # (last.ckpt keeps the last good state), or skip that step's update and stop only after
+    # nonfinite_patience skipped steps in a row (not under DeepSpeed).
+    on_nonfinite: str = "stop"  # stop | skip
+    nonfinite_patience: int = 5
 
 
 @dataclass
@@ -329,6 +334,7 @@ LIGHTNING_PRECISION = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.monitor_mode": ("min", "max"),
     "run.omp_wait_policy": ("PASSIVE", "ACTIVE"),
+    "run.on_nonfinite": ("stop", "skip"),
     "data.source": ("synthetic", "csv", "folder", "webdataset"),
     "data.classes.task": ("shape", "colour", "object"),
     "data.classes.train_classes": ("base", "all"),
@@ -536,6 +542,10 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.data.synthetic.train_size > 0 and cfg.data.synthetic.val_size > 0, "data.synthetic", "sizes must be > 0"),
         (cfg.run.threads >= 0, "run.threads", "must be >= 0 (0 = the cores this process may use)"),
         (cfg.run.checkpoint_every_n_steps > 0, "run.checkpoint_every_n_steps", "must be > 0"),
+        (cfg.run.nonfinite_patience > 0, "run.nonfinite_patience", "must be > 0"),
+        (cfg.run.on_nonfinite != "skip" or not str(cfg.trainer.strategy).startswith("deepspeed"), "run.on_nonfinite",
+         f"skip is not supported with trainer.strategy={cfg.trainer.strategy}: ZeRO applies the update inside its own "
+         "step, before the gradient norm is known; use stop"),
         (cfg.optim.lr >= 0, "optim.lr", "must be >= 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
         (0 <= cfg.optim.warmup_fraction <= 1, "optim.warmup_fraction", "must be in [0, 1]"),

@@ -32,6 +32,7 @@ from clipft.eval.plots import plot_training_curves
 from clipft.eval.tasks import build_zeroshot_task
 from clipft.logs import ContinuingCSVLogger, LoggedRowsInCheckpoint, logged_rows
 from clipft.methods import ContrastiveMethod, build_method
+from clipft.methods.guard import DivergenceGuard
 from clipft.strategies import build_strategy
 from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file, read_training_state
 
@@ -342,6 +343,7 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
     ckpt_dir = run_dir / "checkpoints"
     if stage == "fit":
         callbacks += [
+            DivergenceGuard.from_config(cfg, _last_ckpt(run_dir)),  # no non-finite step, no non-finite save
             # best.ckpt by run.monitor; last.ckpt after every validation and every
             # run.checkpoint_every_n_steps steps, saved inside the training loop so that a
             # resume continues exactly where it stopped.
@@ -454,6 +456,7 @@ def _fit(run: Run) -> dict[str, Any]:
         steps=trainer.global_step,
         resumed_from=str(run.resume_from) if run.resume_from else None,
         threads=torch.get_num_threads(),
+        nonfinite_skipped_steps=next(c.skipped_steps for c in trainer.callbacks if isinstance(c, DivergenceGuard)),
     )
     if run.datamodule.train_shards is not None:  # bad samples met while streaming, over all ranks
         skipped = trainer.strategy.reduce(torch.tensor(float(run.datamodule.skipped_samples), device=trainer.strategy.root_device), reduce_op="sum")

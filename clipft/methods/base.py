@@ -188,6 +188,7 @@ class ContrastiveMethod(L.LightningModule):
         self._frozen_views: dict[str, BaseModelView] = {}
         self._optimizer_stepped = False
         self._checked_gradients = False
+        self.step_terms: dict[str, Tensor] = {}  # the latest training step's loss terms, detached
         # The EMA of the model: fp32, frozen, outside the module tree (in a dict, which
         # nn.Module does not register) like a teacher, so that no strategy shards or casts it.
         self._ema: dict[str, nn.Module] = {}
@@ -370,8 +371,10 @@ class ContrastiveMethod(L.LightningModule):
             )
         total = sum(weights.get(name, 1.0) * value for name, value in terms.items())
         batch_size = len(batch)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        # by logged name, for the divergence guard to name a term that goes non-finite
+        self.step_terms = {f"train/{name}": value.detach() for name, value in terms.items()}
+        for name, value in self.step_terms.items():
+            self.log(name, value, batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         self.log("train/logit_scale", self.logit_scale.detach(), batch_size=batch_size)
         return total
@@ -416,7 +419,9 @@ class ContrastiveMethod(L.LightningModule):
     # ------------------------------------------------------------------ EMA
 
     def _mark_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._optimizer_stepped = True
+        # A step without gradients changed nothing (the divergence guard dropped its update):
+        # no clamp, no EMA tick. The first parameter with a gradient ends the search.
+        self._optimizer_stepped = any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
 
     @torch.no_grad()
     def update_ema(self) -> None:

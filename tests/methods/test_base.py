@@ -55,6 +55,10 @@ def test_logit_scale_clamped_after_an_optimizer_step_only(method: Finetune) -> N
         method.model.logit_scale.fill_(10.0)
     method.on_train_batch_end(None, None, 0)  # accumulating: no step yet
     assert method.logit_scale.item() == pytest.approx(math.exp(10.0))
+    optimizer.step()  # no gradients: a step the divergence guard dropped changes nothing
+    method.on_train_batch_end(None, None, 0)
+    assert method.logit_scale.item() == pytest.approx(math.exp(10.0))
+    method.model.logit_scale.grad = torch.zeros_like(method.model.logit_scale)
     optimizer.step()
     method.on_train_batch_end(None, None, 0)
     assert method.logit_scale.item() == pytest.approx(100.0)
