@@ -75,6 +75,9 @@ CASES: list[tuple[str, Callable[[Path, Path], Path], list[str], str]] = [
      "folder you can write to"),
     ("export --out a file", _empty, ["export", "CHECKPOINT", "--out", "INPUT"],
      "--out INPUT: a file of that name exists; choose a folder name"),
+    ("fit diverging (optim.lr=1e4)", lambda checkpoint, tmp: tmp, ["fit", QUICKSTART, "optim.lr=1e4"],
+     "training diverged at step 1: gradient norm is not finite; no checkpoint yet: start again after you lower "
+     "optim.lr (now 10000) or set trainer.gradient_clip_val (e.g. 1.0)"),
 ]
 
 
