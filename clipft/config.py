@@ -50,6 +50,10 @@ class RunSection:
     monitor: str = "val/loss"  # metric that picks the best checkpoint
     monitor_mode: str = "min"  # min | max
     plot: bool = True  # training curves PNG in the run folder
+    # Load checkpoints that need classes beyond clipft's allowlist (or TorchScript archives)
+    # with weights_only=False, which can run code from the file: only for files you trust
+    # (docs/safety.md; also --trust-checkpoint on the CLI).
+    trust_checkpoint: bool = False
 
 
 @dataclass

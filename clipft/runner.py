@@ -32,6 +32,7 @@ from clipft.logs import ContinuingCSVLogger
 from clipft.methods import ContrastiveMethod, build_method
 from clipft.strategies import build_strategy
 from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file, read_training_state
+from clipft.models.checkpoint_io import trust_checkpoints
 
 log = logging.getLogger("clipft")
 RUN_DIR_ENV = "CLIPFT_RUN_DIR"
@@ -239,6 +240,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     checked before the model is built; the model before the Trainer."""
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     apply_threads(cfg)
+    trust_checkpoints(cfg.run.trust_checkpoint)  # every checkpoint read of this run (docs/safety.md)
     resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
     # Processes that Lightning starts for DDP re-run this command: they inherit the folder.
     shared = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
@@ -356,7 +358,8 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     step_at_start = run.resume_step
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
-    trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+    trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None,
+                weights_only=not cfg.run.trust_checkpoint)  # a .ckpt; DeepSpeed reads through clipft.strategies
     train_time = time.perf_counter() - start
     if run.report.extra.get("global_step") != trainer.global_step:
         trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
@@ -409,6 +412,7 @@ def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
 def info(cfg: RunConfig) -> dict[str, Any]:
     """Resolved config and parameter counts (the model's, as the method trains it, and the
     method's own), without data or training."""
+    trust_checkpoints(cfg.run.trust_checkpoint)
     bundle = build_model(cfg.model)
     method = build_method(cfg, bundle)
     counts = count_parameters(bundle.model)
