@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import logging
 import pickle
+import pickletools
 import re
 import zipfile
 from contextvars import ContextVar
@@ -42,6 +43,7 @@ ALLOWED_GLOBALS: tuple[str, ...] = (
     "deepspeed.utils.tensor_fragment.fragment_address",
 )
 
+_TORCH_OWN = ("torch.", "collections.OrderedDict")  # what torch's own legacy files name
 TRUST_HINT = "if you trust this file, pass --trust-checkpoint (run.trust_checkpoint=true)"
 _TRUSTED: ContextVar[bool] = ContextVar("clipft_trust_checkpoint", default=False)
 PathLike = Union[str, Path]
@@ -85,9 +87,11 @@ def load(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
             with torch.serialization.safe_globals(_import(ALLOWED_GLOBALS if named is None else named)):
                 return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and named is not None)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" not in str(err).lower():
+        name = _refused_name(err) if "weights only load failed" in str(err).lower() else None
+        name = name or _legacy_global(path)
+        if name is None:
             raise _unreadable(path, err) from None
-        refused = [_refused_name(err)]
+        refused = [name]
     except Exception as err:  # truncated, empty, not a torch file: one line, no traceback
         raise _unreadable(path, err) from None
     return _load_trusted(path, refused[0], map_location, mmap)
@@ -122,10 +126,32 @@ def _import(names: Iterable[str]) -> list[Any]:
     return objects
 
 
-def _refused_name(err: Exception) -> str:
-    """The class torch's weights-only unpickler refused, from its message (legacy files)."""
+def _refused_name(err: Exception) -> str | None:
+    """The class torch's weights-only unpickler refused, from its message."""
     found = re.search(r"GLOBAL (\S+)", str(err))
-    return found.group(1) if found else "an object torch's weights-only loader does not build"
+    return found.group(1) if found else None
+
+
+def _legacy_global(path: Path) -> str | None:
+    """The first class or function a legacy (non-zip) file names beyond the allowlist, found
+    by reading its pickles' opcodes without running them (torch's unpickler reports only
+    "Unsupported operand" for a protocol-4 GLOBAL). None: the file names none."""
+    strings: list[str] = []
+    with contextlib.suppress(Exception), open(path, "rb") as f:
+        while True:  # a legacy file is several pickles in a row, then raw storage bytes
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name in ("GLOBAL", "INST"):
+                    strings.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    strings.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                    continue
+                else:
+                    continue
+                if strings[-1] not in ALLOWED_GLOBALS and not strings[-1].startswith(_TORCH_OWN):
+                    return strings[-1]
+    return None
 
 
 def _unreadable(path: Path, err: Exception) -> ModelError:
