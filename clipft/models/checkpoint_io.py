@@ -155,7 +155,11 @@ def _legacy_global(path: Path) -> str | None:
 
 
 def _unreadable(path: Path, err: Exception) -> ModelError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    """One line: torch's own reason (without its advice to set weights_only=False), or the
+    exception's type when it gives none."""
+    text = str(err).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = (lines[0] if lines else type(err).__name__)[:200]
     return ModelError(f"checkpoint '{path}' is unreadable (truncated or not a checkpoint): {reason}")
 
 

@@ -132,7 +132,7 @@ def test_an_unreadable_file_fails_with_one_line_naming_it(tmp_path: Path, conten
         load(path)
     message = str(err.value)
     assert message.startswith(f"checkpoint '{path}' is unreadable (truncated or not a checkpoint): ")
-    assert "\n" not in message and not message.endswith(": ")
+    assert "\n" not in message and not message.endswith(": ") and "weights_only" not in message
 
 
 def test_a_truncated_checkpoint_fails_with_one_line(tmp_path: Path) -> None:
@@ -156,6 +156,26 @@ def test_a_torchscript_archive_needs_the_opt_in(tmp_path: Path) -> None:
 def test_a_plain_folder_as_pretrained_says_what_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_pretrained(tmp_path, tmp_path)) == 2
     assert "is a folder but not a DeepSpeed checkpoint (no 'latest' file)" in capsys.readouterr().err
+
+
+def test_deepspeed_reads_a_resume_through_the_safe_reader(tmp_path: Path) -> None:
+    """Both DeepSpeed strategies wrap the engine's checkpoint engine: saving is DeepSpeed's,
+    loading is checkpoint_io's (the slow test below resumes a real run through it)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    from clipft.config import load_config
+    from clipft.strategies import SafeCheckpointEngine, SafeDeepSpeedStrategy, build_strategy
+
+    engine = SafeCheckpointEngine(TorchCheckpointEngine())
+    engine.save({"w": torch.ones(2)}, str(tmp_path / "ok.pt"))
+    assert torch.equal(engine.load(str(tmp_path / "ok.pt"))["w"], torch.ones(2))
+    marker = tmp_path / "payload_ran"
+    with pytest.raises(UnsafeCheckpointError, match="evil.pt' needs class 'posix.system'"):
+        engine.load(str(_crafted_pt(tmp_path, marker)))
+    assert not marker.exists()
+    for accelerator in ("cpu", "gpu"):
+        cfg = load_config(None, ["include=configs/trainer/deepspeed_zero3.yaml", f"trainer.accelerator={accelerator}"])
+        assert isinstance(build_strategy(cfg.trainer), SafeDeepSpeedStrategy)
 
 
 # ------------------------------------------------------------------ real DeepSpeed checkpoints
