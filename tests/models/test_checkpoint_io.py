@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from clipft.cli import main
-from clipft.models import ModelError, read_state_dict
+from clipft.config import ModelConfig
+from clipft.models import ModelError, build_model, read_state_dict
 from clipft.models.checkpoint_io import ALLOWED_GLOBALS, UnsafeCheckpointError, load, trusting
 from clipft.models.zero_checkpoint import consolidate
 
@@ -212,8 +213,11 @@ def _assert_identical(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Ten
 
 
 def test_consolidation_equals_deepspeeds_bit_for_bit(zero_folder: Path, tmp_path: Path) -> None:
+    """...and the folder exports, and starts a model as model.pretrained."""
     _assert_identical(consolidate(zero_folder), _deepspeed_consolidation(zero_folder))
     assert main(["export", str(zero_folder), "--out", str(tmp_path / "out")]) == 0
+    model = build_model(ModelConfig(pretrained=str(zero_folder))).model
+    assert torch.equal(model.state_dict()["visual.proj"], consolidate(zero_folder)["model.visual.proj"])
 
 
 def _needed_globals(files: list[Path]) -> set[str]:
@@ -243,6 +247,7 @@ def test_the_allowlist_covers_what_a_plain_run_writes(tmp_path: Path) -> None:
 def test_two_process_consolidation_equals_deepspeeds(config: str, tmp_path: Path) -> None:
     folder = _deepspeed_fit(tmp_path, config, "trainer.devices=2")
     _assert_identical(consolidate(folder), _deepspeed_consolidation(folder))
+    assert _needed_globals(sorted(folder.glob("*/*.pt"))) <= set(ALLOWED_GLOBALS)
 
 
 @pytest.mark.slow
