@@ -170,7 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = list(args.overrides) + extra + (["run.trust_checkpoint=true"] if getattr(args, "trust_checkpoint", False) else [])
+    args.overrides = list(args.overrides) + extra
+    if getattr(args, "trust_checkpoint", False):  # fit/validate --trust-checkpoint
+        args.overrides.append("run.trust_checkpoint=true")
     if args.verb == "validate":  # `ckpt=PATH` is the same as --ckpt PATH
         for item in [o for o in args.overrides if o.startswith("ckpt=")]:
             args.overrides.remove(item)

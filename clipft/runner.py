@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import difflib
+import functools
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import lightning as L
 import torch
@@ -32,7 +33,7 @@ from clipft.logs import ContinuingCSVLogger
 from clipft.methods import ContrastiveMethod, build_method
 from clipft.strategies import build_strategy
 from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file, read_training_state
-from clipft.models.checkpoint_io import trust_checkpoints
+from clipft.models.checkpoint_io import trusting
 
 log = logging.getLogger("clipft")
 RUN_DIR_ENV = "CLIPFT_RUN_DIR"
@@ -240,7 +241,6 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     checked before the model is built; the model before the Trainer."""
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     apply_threads(cfg)
-    trust_checkpoints(cfg.run.trust_checkpoint)  # every checkpoint read of this run (docs/safety.md)
     resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
     # Processes that Lightning starts for DDP re-run this command: they inherit the folder.
     shared = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
@@ -348,7 +348,22 @@ def _bound_epochs_by_steps(trainer: L.Trainer, cfg: RunConfig, datamodule: Image
 
 # ------------------------------------------------------------------ verbs
 
+Verb = TypeVar("Verb", bound=Callable[..., Any])
 
+
+def _reads_checkpoints(verb: Verb) -> Verb:
+    """Every checkpoint the verb reads trusts as ``cfg.run.trust_checkpoint`` says, for this
+    call only (docs/safety.md)."""
+
+    @functools.wraps(verb)
+    def run(cfg: RunConfig, *args: Any, **kwargs: Any) -> Any:
+        with trusting(cfg.run.trust_checkpoint):
+            return verb(cfg, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+@_reads_checkpoints
 def fit(cfg: RunConfig) -> dict[str, Any]:
     """Train, validate at the end if the last step was not validated, save the last
     checkpoint, write report.json and the training curves. Returns the report."""
@@ -387,6 +402,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     return {**run.report.extra, "metrics": run.report.metrics}
 
 
+@_reads_checkpoints
 def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
     """Evaluate the recipe's model (``model.pretrained``), or a clipft checkpoint, with the
     recipe's evaluation; writes report.json in a new run folder."""
@@ -409,10 +425,10 @@ def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
     return {**run.report.extra, "metrics": run.report.metrics}
 
 
+@_reads_checkpoints
 def info(cfg: RunConfig) -> dict[str, Any]:
     """Resolved config and parameter counts (the model's, as the method trains it, and the
     method's own), without data or training."""
-    trust_checkpoints(cfg.run.trust_checkpoint)
     bundle = build_model(cfg.model)
     method = build_method(cfg, bundle)
     counts = count_parameters(bundle.model)

@@ -53,15 +53,10 @@ class UnsafeCheckpointError(ModelError):
     """A checkpoint that needs a class clipft does not load from a file it did not write."""
 
 
-def trust_checkpoints(enabled: bool) -> None:
-    """Set once per command (the runner from ``run.trust_checkpoint``): may refused files load
-    with ``weights_only=False``?"""
-    _TRUSTED.set(enabled)
-
-
 @contextlib.contextmanager
 def trusting(enabled: bool) -> Iterator[None]:
-    """:func:`trust_checkpoints` for a block only (``clipft export --trust-checkpoint``)."""
+    """Within the block, may a refused file load with ``weights_only=False``? Set by the
+    runner's verbs from ``run.trust_checkpoint`` and by ``clipft export --trust-checkpoint``."""
     token = _TRUSTED.set(enabled)
     try:
         yield
@@ -190,4 +185,4 @@ def _load_torchscript(path: Path, map_location: Any) -> Any:
         raise _unreadable(path, err) from None
 
 
-__all__ = ["ALLOWED_GLOBALS", "UnsafeCheckpointError", "load", "trust_checkpoints", "trusting"]
+__all__ = ["ALLOWED_GLOBALS", "UnsafeCheckpointError", "load", "trusting"]

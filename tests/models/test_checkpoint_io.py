@@ -102,13 +102,19 @@ def test_a_crafted_checkpoint_is_refused_and_never_runs(
     assert "weights_only=False" not in errors[0] and "Re-running `torch.load`" not in stderr  # no torch advice
 
 
-def test_trusting_a_crafted_checkpoint_loads_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The opt-in really loads with weights_only=False: the payload runs (so the test above can fail)."""
+@pytest.mark.parametrize("entry,then", [("export", "not a clipft checkpoint"), ("pretrained", "not hold a state dict")])
+def test_trusting_a_crafted_checkpoint_loads_it(
+    entry: str, then: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The opt-in (export's flag; fit's flag maps to run.trust_checkpoint=true) really loads
+    with weights_only=False: the payload runs, so the test above can fail."""
     marker = tmp_path / "payload_ran"
     src = _crafted_pt(tmp_path, marker)
-    assert main(_export(src, tmp_path, "--trust-checkpoint")) == 2  # loaded, then: no clipft run config inside
+    assert main(ENTRY_POINTS[entry](src, tmp_path, "--trust-checkpoint")) == 2  # loaded; then not weights
     assert marker.exists()
-    assert "not a clipft checkpoint" in capsys.readouterr().err
+    assert then in capsys.readouterr().err
+    with pytest.raises(UnsafeCheckpointError):  # for that command only
+        load(src)
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -157,6 +163,14 @@ def test_a_torchscript_archive_needs_the_opt_in(tmp_path: Path) -> None:
 def test_a_plain_folder_as_pretrained_says_what_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_pretrained(tmp_path, tmp_path)) == 2
     assert "is a folder but not a DeepSpeed checkpoint (no 'latest' file)" in capsys.readouterr().err
+
+
+def test_latest_must_name_a_folder_inside_the_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "latest").write_text("../outside")
+    with pytest.raises(ModelError, match="'latest' names '../outside', which is not a folder inside it"):
+        read_state_dict(tmp_path / "ds")
 
 
 def test_deepspeed_reads_a_resume_through_the_safe_reader(tmp_path: Path) -> None:
