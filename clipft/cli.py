@@ -19,6 +19,8 @@ import sys
 from typing import Optional, Sequence
 
 OVERRIDES_HELP = "config overrides as key=value (for example optim.lr=1e-4 data.batch_size=64)"
+TRUST_HELP = ("load a checkpoint that needs classes beyond clipft's allowlist, or a TorchScript archive, with "
+              "weights_only=False: it can run code from the file (same as run.trust_checkpoint=true; docs/safety.md)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("recipe", help="recipe YAML (see recipes/)")
     fit.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    fit.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
     val = verbs.add_parser(
         "validate",
@@ -51,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("recipe", help="recipe YAML")
     val.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     val.add_argument("--ckpt", help="a clipft checkpoint (.ckpt file or DeepSpeed folder) to evaluate (also as ckpt=PATH)")
+    val.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
     info = verbs.add_parser(
         "info",
@@ -82,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="WiSE-FT: θ = (1-α)·start + α·adapted; several α write OUT/wise_ft_<α>/ side by side")
     export.add_argument("--ema", action="store_true", help="the EMA weights (method.ema_momentum) instead of the live ones")
     export.add_argument("--format", default="local-dir", choices=["local-dir", "state-dict", "safetensors"])
+    export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
     data = verbs.add_parser("data", help="data tools (write-shards)", description="Data tools.")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="TOOL", required=True)
@@ -134,10 +139,12 @@ def _data(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from clipft.export import ExportError, export
     from clipft.models import ModelError
+    from clipft.models.checkpoint_io import trusting
 
     try:
-        folders = export(args.source, args.out, merge_lora=args.merge_lora, wise_ft_alphas=args.wise_ft,
-                         ema=args.ema, fmt=args.format, force=args.force)
+        with trusting(args.trust_checkpoint):
+            folders = export(args.source, args.out, merge_lora=args.merge_lora, wise_ft_alphas=args.wise_ft,
+                             ema=args.ema, fmt=args.format, force=args.force)
     except (ExportError, ModelError) as err:
         print(f"clipft: error: {err}", file=sys.stderr)
         return 2
@@ -167,6 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + extra
+    if getattr(args, "trust_checkpoint", False):  # fit/validate --trust-checkpoint
+        args.overrides.append("run.trust_checkpoint=true")
     if args.verb == "validate":  # `ckpt=PATH` is the same as --ckpt PATH
         for item in [o for o in args.overrides if o.startswith("ckpt=")]:
             args.overrides.remove(item)

@@ -55,6 +55,10 @@ class RunSection:
     # nonfinite_patience skipped steps in a row (not under DeepSpeed).
     on_nonfinite: str = "stop"  # stop | skip
     nonfinite_patience: int = 5
+    # Load checkpoints that need classes beyond clipft's allowlist (or TorchScript archives)
+    # with weights_only=False, which can run code from the file: only for files you trust
+    # (docs/safety.md; also --trust-checkpoint on the CLI).
+    trust_checkpoint: bool = False
 
 
 @dataclass

@@ -63,10 +63,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
 
 def run_config(checkpoint: Path) -> RunConfig:
     """The config of the run that wrote a clipft checkpoint."""
-    try:
-        state = read_training_state(checkpoint)
-    except Exception as err:  # unreadable, or a pickle that weights_only refuses
-        raise ExportError(f"{checkpoint}: not a clipft checkpoint ({str(err).splitlines()[0][:200]})") from err
+    state = read_training_state(checkpoint)  # a ModelError names an unreadable or refused file
     config = (state.get("hyper_parameters") or {}).get("config")
     if not isinstance(config, dict):
         raise ExportError(

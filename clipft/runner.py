@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import difflib
+import functools
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import lightning as L
 import torch
@@ -35,6 +36,7 @@ from clipft.methods import ContrastiveMethod, build_method
 from clipft.methods.guard import DivergenceGuard
 from clipft.strategies import build_strategy
 from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file, read_training_state
+from clipft.models.checkpoint_io import trusting
 
 log = logging.getLogger("clipft")
 RUN_DIR_ENV = "CLIPFT_RUN_DIR"
@@ -179,7 +181,7 @@ def _write_config(run_dir: Path, cfg: RunConfig, resumed: bool) -> None:
 
     before = _flatten(OmegaConf.to_container(OmegaConf.load(original)))
     after = _flatten(to_dict(cfg))
-    changed = sorted(k for k, v in after.items() if v != before.get(k) and k != "run.resume")
+    changed = sorted(k for k, v in after.items() if v != before.get(k) and k not in ("run.resume", "run.trust_checkpoint"))
     if changed:
         log.warning("resuming with a changed config (see config.resumed.yaml): %s", ", ".join(changed))
 
@@ -412,7 +414,22 @@ def _bound_epochs_by_steps(
 
 # ------------------------------------------------------------------ verbs
 
+Verb = TypeVar("Verb", bound=Callable[..., Any])
 
+
+def _reads_checkpoints(verb: Verb) -> Verb:
+    """Every checkpoint the verb reads trusts as ``cfg.run.trust_checkpoint`` says, for this
+    call only (docs/safety.md)."""
+
+    @functools.wraps(verb)
+    def run(cfg: RunConfig, *args: Any, **kwargs: Any) -> Any:
+        with trusting(cfg.run.trust_checkpoint):
+            return verb(cfg, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+@_reads_checkpoints
 def fit(cfg: RunConfig) -> dict[str, Any]:
     """Train, validate at the end if the last step was not validated, save the last
     checkpoint, write report.json and the training curves. Returns the report."""
@@ -438,7 +455,8 @@ def _fit(run: Run) -> dict[str, Any]:
     step_at_start = run.resume_step
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
-    trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+    trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None,
+                weights_only=not cfg.run.trust_checkpoint)  # a .ckpt; DeepSpeed reads through clipft.strategies
     train_time = time.perf_counter() - start
     validated = run.report.extra.get("global_step") != trainer.global_step
     if validated:
@@ -478,6 +496,7 @@ def _with_paths(run: Run, report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+@_reads_checkpoints
 def validate(cfg: RunConfig, ckpt: Optional[str] = None) -> dict[str, Any]:
     """Evaluate the recipe's model (``model.pretrained``), or a clipft checkpoint, with the
     recipe's evaluation; writes report.json in a new run folder."""

@@ -3,6 +3,8 @@
 Lightning's DeepSpeed strategy refuses a CPU accelerator, yet DeepSpeed itself runs ZeRO-2/3
 on CPU with gloo (research notes, environment.md §2). :class:`CPUDeepSpeedStrategy` removes
 the three CUDA-only steps, so DeepSpeed runs are tested on a laptop / in CI with 1 or 2 processes.
+Both read a checkpoint on resume through :mod:`clipft.models.checkpoint_io`
+(:class:`SafeDeepSpeedStrategy`), never with DeepSpeed's ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Union
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 from clipft.config import TrainerConfig
+from clipft.models import checkpoint_io
 
 # trainer.strategy -> DeepSpeedStrategy arguments (Lightning's registry names)
 DEEPSPEED_STRATEGIES: dict[str, dict[str, Any]] = {
@@ -24,7 +27,35 @@ DEEPSPEED_STRATEGIES: dict[str, dict[str, Any]] = {
 }
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class SafeCheckpointEngine:
+    """A DeepSpeed checkpoint engine whose ``load`` is :func:`clipft.models.checkpoint_io.load`;
+    saving and everything else go to the engine it wraps. DeepSpeed's ``TorchCheckpointEngine``
+    unpickles each rank's model and optimizer states with ``weights_only=False``, and the
+    DeepSpeed engine reads every file of a resume through its checkpoint engine, so swapping
+    this one object makes a resume as safe as ``clipft export`` (chosen over checking each
+    file before DeepSpeed reads it: nothing could read a file between the check and the load)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return checkpoint_io.load(path, map_location=map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class SafeDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, loading a checkpoint through :class:`SafeCheckpointEngine`."""
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Any = None) -> dict[str, Any]:
+        engine = self.deepspeed_engine
+        if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
+            engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+
+class CPUDeepSpeedStrategy(SafeDeepSpeedStrategy):
     """DeepSpeed ZeRO with the CPU accelerator and gloo (for tests and laptops; GPUs use the
     stock strategy). DeepSpeed's shared-memory communication op, compiled with g++ on first
     use (30-60 s), is switched off: gloo carries everything."""
@@ -61,4 +92,4 @@ def build_strategy(cfg: TrainerConfig) -> Union[str, Strategy]:
     kwargs = dict(DEEPSPEED_STRATEGIES[cfg.strategy], exclude_frozen_parameters=cfg.exclude_frozen_parameters)
     if cfg.accelerator == "cpu":
         return CPUDeepSpeedStrategy(**kwargs, process_group_backend="gloo")
-    return DeepSpeedStrategy(**kwargs)
+    return SafeDeepSpeedStrategy(**kwargs)

@@ -45,8 +45,10 @@ def encode_images(encode: Callable[[Tensor], Tensor], loader: DataLoader) -> Ten
 
 def cached(path: Path, compute: Callable[[], Tensor]) -> Tensor:
     """``compute()`` once: saved atomically at ``path``, read from there afterwards."""
-    if path.is_file():
-        return torch.load(path, weights_only=True)
+    if path.is_file():  # clipft's own cache file, still read the safe way (docs/safety.md)
+        from clipft.models.checkpoint_io import load
+
+        return load(path)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

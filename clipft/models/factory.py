@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import io
 import logging
 import math
 import os
@@ -18,20 +17,19 @@ import torch
 from torch import nn
 
 from clipft.config import ModelConfig
+from clipft.models import checkpoint_io
+from clipft.models.errors import ModelError
 from clipft.models.lora import is_adapted_state_dict, plain_state_dict
 from clipft.models.minilm import INSTALL_HINT, MINILM_MODEL, register_minilm
 from clipft.models.shipped import shipped_tags, shipped_weights
 from clipft.models.text_cache import cache_locked_text_tower
+from clipft.models.zero_checkpoint import consolidate, model_states_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
 
 # Prefixes a state dict may carry: DDP ("module."), a clipft/Lightning checkpoint ("model.").
 _PREFIXES = ("module.", "model.")
-
-
-class ModelError(ValueError):
-    """A model name, pretrained tag or weights file that cannot be used; says what to do."""
 
 
 @dataclass
@@ -89,7 +87,7 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> ModelBundle:
             if not shipped.is_file():
                 raise ModelError(f"model.pretrained: the package file of tag '{pretrained}' is missing: {shipped}")
             pretrained = str(shipped)
-        elif os.path.isfile(expanded):
+        elif os.path.isfile(expanded) or os.path.isdir(expanded):  # a file, or a DeepSpeed checkpoint folder
             pretrained = expanded
         elif _is_tag(cfg.name, pretrained):
             tag = pretrained
@@ -198,12 +196,7 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     checkpoint folder rank 0's model-states file (ZeRO-1/2: ``mp_rank_00_model_states.pt``,
     ZeRO-3: ``zero_pp_rank_0_mp_rank_00_model_states.pt``)."""
     path = Path(path)
-    if path.is_dir():
-        tag = (path / "latest").read_text().strip()
-        states = min((path / tag).glob("*mp_rank_00_model_states.pt"))
-        state = torch.load(states, map_location="cpu", weights_only=False, mmap=True)  # DeepSpeed objects inside
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint_io.load(model_states_file(path) if path.is_dir() else path, mmap=True)
     if not isinstance(state, dict):
         raise ModelError(f"'{path}' is not a clipft checkpoint")
     return state
@@ -213,7 +206,7 @@ def read_module_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Every weight of a clipft checkpoint (.ckpt file or DeepSpeed folder, gathered from the
     ranks' shards) under the method's own names: ``model.*`` and what else the method trains."""
     path = str(path)
-    state = _read_deepspeed_folder(path) if os.path.isdir(path) else torch.load(path, map_location="cpu", weights_only=True)
+    state = consolidate(path) if os.path.isdir(path) else checkpoint_io.load(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -238,21 +231,13 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
             raise ModelError(f"'{path}' holds no EMA weights (its run did not set method.ema_momentum)")
         state = dict(state)
     elif os.path.isdir(path):
-        state = _read_deepspeed_folder(path)
+        state = consolidate(path)
     elif path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         state = load_file(path, device="cpu")
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError:
-            try:  # OpenAI's released .pt files are TorchScript archives
-                state = torch.jit.load(path, map_location="cpu").state_dict()
-            except Exception as err:
-                raise ModelError(f"model.pretrained: cannot read '{path}' as weights: {err}") from err
-        except Exception as err:
-            raise ModelError(f"model.pretrained: cannot read '{path}' as weights: {err}") from err
+    else:  # OpenAI's released .pt files are TorchScript archives: checkpoint_io reads them when trusted
+        state = checkpoint_io.load(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         hparams = state.get("hyper_parameters")
         state = state["state_dict"]
@@ -286,17 +271,6 @@ def _lora_scaling(path: str, hparams: Any) -> float:
         return float(lora["alpha"]) / int(lora["rank"])
     except (TypeError, KeyError, ZeroDivisionError) as err:
         raise ModelError(f"'{path}' has LoRA adapters but no clipft run config saying their rank and alpha") from err
-
-
-def _read_deepspeed_folder(path: str) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a DeepSpeed checkpoint folder (a clipft run under ZeRO), gathered
-    from every rank's shard by DeepSpeed's converter."""
-    if not os.path.isfile(os.path.join(path, "latest")):
-        raise ModelError(f"model.pretrained: '{path}' is a folder but not a DeepSpeed checkpoint (no 'latest' file)")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with _quiet_root_logger(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return dict(get_fp32_state_dict_from_zero_checkpoint(path))
 
 
 def _fmt(keys: list[str], limit: int = 12) -> str:
