@@ -35,7 +35,7 @@ from clipft.logs import ContinuingCSVLogger, LoggedRowsInCheckpoint, logged_rows
 from clipft.methods import ContrastiveMethod, build_method
 from clipft.methods.guard import DivergenceGuard
 from clipft.strategies import build_strategy
-from clipft.models import ModelBundle, build_model, count_parameters, load_pretrained_file, read_training_state
+from clipft.models import ModelBundle, build_model, count_parameters, labelled, load_pretrained_file, read_training_state
 from clipft.models.checkpoint_io import trusting
 
 log = logging.getLogger("clipft")
@@ -325,7 +325,8 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
     if stage == "fit":
         check_monitor(cfg, method)
 
-    resume_state = read_training_state(resume_ckpt) if resume_ckpt is not None and resume_ckpt.suffix != ".safetensors" else {}
+    with labelled("run.resume"):
+        resume_state = read_training_state(resume_ckpt) if resume_ckpt is not None and resume_ckpt.suffix != ".safetensors" else {}
     resume_step = resume_state.get("global_step")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg, resumed=resume_ckpt is not None)

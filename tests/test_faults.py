@@ -59,8 +59,41 @@ def _outside_file(checkpoint: Path, tmp: Path) -> Path:
     return tmp / "a-file" / "runs"
 
 
+class _Payload:
+    """A crafted pickle: loading it would run a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _crafted(checkpoint: Path, tmp: Path) -> Path:
+    torch.save({"state_dict": {"model.logit_scale": torch.zeros(())}, "x": _Payload(tmp / "payload_ran")}, tmp / "crafted.ckpt")
+    return tmp / "crafted.ckpt"
+
+
+UNSAFE = ("checkpoint 'INPUT' needs class 'posix.system', which clipft does not load from a file it did not write; "
+          "if you trust this file, pass --trust-checkpoint (run.trust_checkpoint=true)")
+UNREADABLE = "checkpoint 'INPUT' is unreadable (truncated or not a checkpoint): "
+NOT_DEEPSPEED = "'INPUT' is a folder but not a DeepSpeed checkpoint (no 'latest' file); pass a checkpoint file or a DeepSpeed checkpoint folder"
+
 # (case id, how to make the faulty input, the command (INPUT and OUT are filled in), the message)
 CASES: list[tuple[str, Callable[[Path, Path], Path], list[str], str]] = [
+    ("validate --ckpt crafted pickle", _crafted, ["validate", QUICKSTART, "--ckpt", "INPUT"], "--ckpt: " + UNSAFE),
+    ("fit run.resume crafted pickle", _crafted, ["fit", QUICKSTART, "run.resume=INPUT"], "run.resume: " + UNSAFE),
+    ("fit model.pretrained crafted pickle", _crafted, ["fit", QUICKSTART, "model.pretrained=INPUT"], "model.pretrained: " + UNSAFE),
+    ("export crafted pickle", _crafted, ["export", "INPUT", "--out", "OUT"], UNSAFE),
+    ("validate --ckpt truncated", _truncated, ["validate", QUICKSTART, "--ckpt", "INPUT"],
+     "--ckpt: " + UNREADABLE + "PytorchStreamReader failed reading zip archive: failed finding central directory"),
+    ("fit run.resume truncated", _truncated, ["fit", QUICKSTART, "run.resume=INPUT"],
+     "run.resume: " + UNREADABLE + "PytorchStreamReader failed reading zip archive: failed finding central directory"),
+    ("fit run.resume empty file", _empty, ["fit", QUICKSTART, "run.resume=INPUT"], "run.resume: " + UNREADABLE + "EOFError"),
+    ("validate --ckpt empty file", _empty, ["validate", QUICKSTART, "--ckpt", "INPUT"], "--ckpt: " + UNREADABLE + "EOFError"),
+    ("validate --ckpt a plain folder", _plain_folder, ["validate", QUICKSTART, "--ckpt", "INPUT"], "--ckpt: " + NOT_DEEPSPEED),
+    ("fit model.pretrained a plain folder", _plain_folder, ["fit", QUICKSTART, "model.pretrained=INPUT"],
+     "model.pretrained: " + NOT_DEEPSPEED),
     ("validate --ckpt NaN weights", _nan_checkpoint, ["validate", QUICKSTART, "--ckpt", "INPUT"],
      "--ckpt: 'INPUT' holds NaN or inf in 62 weight tensors (first: ln_final.bias); the run that wrote it diverged: "
      "use an earlier checkpoint"),
@@ -88,7 +121,8 @@ def test_fault_gives_one_clear_line(
 ) -> None:
     faulty = make(checkpoint, tmp_path)
     out = tmp_path / "runs"
-    argv = [str(faulty) if a == "INPUT" else str(checkpoint) if a == "CHECKPOINT" else a.replace("INPUT", str(faulty)) for a in command]
+    fill = {"INPUT": str(faulty), "CHECKPOINT": str(checkpoint), "OUT": str(tmp_path / "exported")}
+    argv = [fill.get(a, a.replace("INPUT", str(faulty))) for a in command]
     if argv[0] in ("fit", "validate"):
         argv += [*FAST_OVERRIDES, *SHORT]
         if not any(a.startswith("run.out_dir=") for a in argv[2:]):
@@ -98,6 +132,8 @@ def test_fault_gives_one_clear_line(
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipft: error: ")]
     assert err == ["clipft: error: " + message.replace("INPUT", str(faulty))]
     assert not list(out.glob("*/*")), "a failed run left a run folder"
+    assert not (tmp_path / "payload_ran").exists(), "code in the file ran"
+    assert not (tmp_path / "exported").exists()
 
 
 def test_an_empty_recipe_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -154,7 +154,7 @@ def _unreadable(path: Path, err: Exception) -> ModelError:
     exception's type when it gives none."""
     text = str(err).split("WeightsUnpickler error:")[-1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = (lines[0] if lines else type(err).__name__)[:200]
+    reason = re.split(r"\.\s", lines[0])[0][:200] if lines else type(err).__name__  # its first sentence
     return ModelError(f"checkpoint '{path}' is unreadable (truncated or not a checkpoint): {reason}")
 
 

@@ -242,7 +242,7 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
         hparams = state.get("hyper_parameters")
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"model.pretrained: '{path}' does not hold a state dict of tensors")
+        raise ModelError(f"'{path}' does not hold a state dict of tensors")
     for prefix in _PREFIXES:
         if any(k.startswith(prefix) for k in state):
             if prefix == "model.":  # clipft checkpoint: keep only the trained model's weights
@@ -278,11 +278,24 @@ def _fmt(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Prefix the errors of reading a file with the setting that named it (``--ckpt``,
+    ``run.resume``, ``model.pretrained``), keeping their type."""
+    try:
+        yield
+    except ModelError as err:
+        if str(err).startswith(f"{label}:"):
+            raise
+        raise type(err)(f"{label}: {err}") from err
+
+
 def load_pretrained_file(model: nn.Module, path: str | Path, label: str = "model.pretrained") -> None:
     """Load weights from a local file into ``model``. If the file does not fit the
     architecture, fail with the missing, unexpected and wrongly shaped keys; messages start
     with ``label``, the setting that named the file."""
-    state = read_state_dict(path)
+    with labelled(label):
+        state = read_state_dict(path)
     own = model.state_dict()
     # Same conventions as open_clip's loader: scalar-vs-1d logit scale, and position
     # embeddings interpolated to the model's image size / context length.
