@@ -242,16 +242,6 @@ class LoggerStepIsGlobalStep(L.Callback):
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
-class DataResumesAtGlobalStep(L.Callback):
-    """When training starts (a resumed run has restored its global step by then, and no
-    batch has been drawn yet), the training order moves past the batches already trained."""
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule  # type: ignore[attr-defined]
-        if isinstance(datamodule, ImageTextDataModule):
-            datamodule.start_training_at(trainer.global_step * trainer.accumulate_grad_batches)
-
-
 def build_callbacks(
     cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path] = None, datamodule: Optional[ImageTextDataModule] = None
 ) -> list[L.Callback]:
@@ -328,6 +318,7 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
     with labelled("run.resume"):
         resume_state = read_training_state(resume_ckpt) if resume_ckpt is not None and resume_ckpt.suffix != ".safetensors" else {}
     resume_step = resume_state.get("global_step")
+    datamodule.resume_batches = int(resume_step or 0) * cfg.trainer.accumulate_grad_batches
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg, resumed=resume_ckpt is not None)
     report = RunReport(
@@ -360,7 +351,7 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
             ),
             LearningRateMonitor(logging_interval="step"),
         ]
-    callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint(), DataResumesAtGlobalStep()]
+    callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint()]
     t = cfg.trainer
     optional = {
         k: v

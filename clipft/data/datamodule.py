@@ -198,6 +198,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_shards: Optional[ShardSet] = None  # webdataset: streamed, not fetched by index
         self.train_epoch_samples = 0
         self.skipped_samples = 0  # bad training samples skipped while streaming shards (this process)
+        self.resume_batches = 0  # batches a resumed run has trained (set by the runner)
         self.hard_neighbours: Optional[torch.Tensor] = None  # [N, k] (data.hard_images), set by the runner
         self.val_fetch: Optional[Callable[[int], Any]] = None
         self.classes: Optional[ClassSet] = None  # class-based sources (data.classes)
@@ -343,7 +344,7 @@ class ImageTextDataModule(L.LightningDataModule):
         batches: dict[str, Any] = {"batch_size": batch_size, "drop_last": train}
         if train:  # a shuffled 1/world of the samples per rank, none twice, resumable
             sampler = TrainingOrder(len(dataset), world, rank, self.seed, batch_size)  # type: ignore[arg-type]
-            self._training_stream = sampler
+            sampler.start_at(self._trained_batches())
             if self.hard_neighbours is not None:  # each batch followed by its pairs' hard images
                 batches = {"batch_sampler": WithHardImages(sampler, batch_size, self.hard_neighbours, self.seed)}
                 sampler = None
@@ -404,14 +405,14 @@ class ImageTextDataModule(L.LightningDataModule):
             raise ValueError("base-to-novel evaluation needs class-labelled validation data (data.classes, data.val)")
         return TransformedImages(self.val_fetch, self._transform(self.val_fetch, self.preprocess_val))
 
-    def start_training_at(self, batches: int) -> None:
-        """Put the training order after the first ``batches`` batches of the run, so that a
-        resumed run trains on what the uninterrupted run would have. Called when training
-        starts: Lightning builds the training loader earlier (to count the steps for the
-        schedule), before a resumed run has restored its global step."""
-        stream = getattr(self, "_training_stream", None)
-        if stream is not None:
-            stream.start_at(batches)
+    def _trained_batches(self) -> int:
+        """Where the training order starts: after the batches a resumed run has trained. The
+        runner sets :attr:`resume_batches` from the checkpoint before training, because
+        Lightning may build the training loader (to count the steps for the schedule) before
+        it restores the global step; otherwise the trainer's step."""
+        trainer = getattr(self, "trainer", None)
+        step = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        return max(self.resume_batches, step)
 
     def train_dataloader(self) -> DataLoader:
         self.prepare_sources()
@@ -430,7 +431,7 @@ class ImageTextDataModule(L.LightningDataModule):
             shards, cfg.webdataset, self.train_epoch_samples, cfg.batch_size, self.preprocess_train,
             self.train_collate, world=world, rank=rank, seed=self.seed, on_bad_sample=cfg.on_bad_sample or "skip",
         )
-        self._training_stream = stream
+        stream.start_at(self._trained_batches())
         return DataLoader(
             stream,
             batch_size=None,
