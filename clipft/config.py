@@ -626,13 +626,7 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
         layers.append(("command-line override", _parse_overrides(overrides)))
 
     method = _method_name(layers)
-    if method not in _METHOD_CONFIGS:
-        import clipft.methods  # noqa: F401  (registers every method's config)
-    if method not in _METHOD_CONFIGS:
-        close = difflib.get_close_matches(method, list(_METHOD_CONFIGS), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"method.name: unknown method '{method}'{hint} (known: {', '.join(method_names())})")
-    schema = RunConfig(method=_METHOD_CONFIGS[method](name=method))
+    schema = RunConfig(method=_method_config(method)(name=method))
     cfg = OmegaConf.structured(schema)
     file_layers = layers[:-1] if overrides else layers
     file_method = _method_name(file_layers)
@@ -737,12 +731,27 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from :func:`to_dict` output (for example from a checkpoint)."""
     overrides_free = OmegaConf.create(data)
     method = str(OmegaConf.select(overrides_free, "method.name", default="finetune"))
-    if method not in _METHOD_CONFIGS:
-        import clipft.methods  # noqa: F401
-    if method not in _METHOD_CONFIGS:
-        raise ConfigError(f"method.name: unknown method '{method}' (known: {', '.join(method_names())})")
-    schema = OmegaConf.structured(RunConfig(method=_METHOD_CONFIGS[method](name=method)))
+    schema = OmegaConf.structured(RunConfig(method=_method_config(method)(name=method)))
     return to_object(OmegaConf.merge(schema, overrides_free))
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """The model section of a :func:`to_dict` config (a checkpoint's), whatever its method."""
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), data.get("model") or {})
+    model = OmegaConf.to_object(merged)
+    assert isinstance(model, ModelConfig)
+    return model
+
+
+def _method_config(name: str) -> type[MethodConfig]:
+    """The settings class a method registered (the methods register when ``clipft.methods``
+    is imported, which the CLI and the runner do before composing)."""
+    if name not in _METHOD_CONFIGS:
+        close = difflib.get_close_matches(name, list(_METHOD_CONFIGS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        known = ", ".join(method_names()) or "none registered: import clipft.methods first, as the CLI does"
+        raise ConfigError(f"method.name: unknown method '{name}'{hint} (known: {known})")
+    return _METHOD_CONFIGS[name]
 
 
 def to_yaml(cfg: RunConfig | DictConfig) -> str:

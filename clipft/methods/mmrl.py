@@ -33,12 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipft.config import ConfigError, MethodConfig
+from clipft.config import ConfigError, MethodConfig, from_dict
 from clipft.data.datamodule import Batch
 from clipft.losses.representation import mmrl_terms
 from clipft.methods.base import ContrastiveMethod, register_method
-from clipft.export import EXTRA_LOADERS, EXTRA_WRITERS
-from clipft.models import ModelBundle, keep_in_eval, read_module_state
+from clipft.models import ModelBundle, keep_in_eval, read_module_state, read_training_state
 from clipft.models.tokens import (
     encode_image_with_tokens,
     encode_text_with_tokens,
@@ -306,12 +305,10 @@ def write_tokens(folder: Path, checkpoint: Path) -> None:
     """Export: the trained tokens, maps and representation projection beside the open_clip files."""
     from safetensors.torch import save_file
 
-    from clipft.export import run_config
-
     state = read_module_state(checkpoint)
     tokens = {k[len("tokens."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("tokens.")}
     save_file(tokens, str(folder / TOKENS_FILE))
-    method = run_config(checkpoint).method
+    method = from_dict(read_training_state(checkpoint)["hyper_parameters"]["config"]).method
     (folder / TOKENS_CONFIG).write_text(json.dumps(dataclasses.asdict(method), indent=2))
 
 
@@ -325,7 +322,6 @@ def load_tokens(folder: Path, model: nn.Module) -> MMRLModel:
     return MMRLModel(model, tokens).eval()
 
 
-EXTRA_WRITERS["mmrl"] = write_tokens
-EXTRA_LOADERS["mmrl"] = load_tokens
+MMRL.export_writer, MMRL.export_loader = staticmethod(write_tokens), staticmethod(load_tokens)
 
 __all__ = ["MMRL", "MMRLConfig", "MMRLModel", "RepresentationTokens", "load_tokens", "write_tokens"]
