@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -215,6 +215,19 @@ class MethodConfig:
     # Keep an exponential moving average of the model, θ_ema <- m·θ_ema + (1-m)·θ after every
     # optimizer step that stepped (fp32, in the checkpoint; DeGLA's teacher). null: none.
     ema_momentum: Optional[float] = None
+
+    def check(self, run: "RunConfig") -> None:
+        """The method's own checks of its settings (and of what it needs from the rest of the
+        run), when a recipe is composed: before any model, data or download is touched. Raise
+        :class:`ConfigError` naming the key, the value and what is allowed (:func:`not_one_of`)."""
+
+
+def not_one_of(key: str, value: Any, allowed: Sequence[Any]) -> ConfigError:
+    """``method.x='spere' is not one of: sphere, gaussian; did you mean sphere?``"""
+    names = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"{key}={value!r} is not one of: {', '.join(names)}{hint}")
 
 
 @dataclass
@@ -715,6 +728,7 @@ def to_object(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"missing value for {', '.join(missing)} (set it in the recipe or as key=value)")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
+    obj.method.check(obj)
     return obj
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipft.config import ConfigError, MethodConfig, from_dict
+from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict
 from clipft.data.datamodule import Batch
 from clipft.losses.representation import mmrl_terms
 from clipft.methods.base import ContrastiveMethod, register_method
@@ -63,6 +63,17 @@ class MMRLConfig(MethodConfig):
     residual_rank: int = 4  # MMRL++: rank of each layer's residual on the shared map
     projection_rank: int = 64  # MMRL++: rank of P_r − P
     beta: float = 0.9  # MMRL++: share of the mapped tokens in each later layer's input
+
+    def check(self, run: RunConfig) -> None:
+        if run.model.lora.rank > 0:
+            raise ConfigError("method mmrl trains its tokens on a frozen backbone: set model.lora.rank to 0")
+        if not (run.data.classes.enabled or run.data.source == "folder"):
+            raise ConfigError(
+                "method mmrl learns from class-labelled images: set data.classes.enabled: true "
+                "(synthetic or a csv with a label column) or data.source: folder"
+            )
+        if self.num_tokens < 1 or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"method.num_tokens must be >= 1 and method.alpha in [0, 1] (got {self.num_tokens}, {self.alpha})")
 
 
 def default_first_layer(depth: int, first_layer: Optional[int]) -> int:
@@ -213,8 +224,6 @@ class MMRL(ContrastiveMethod):
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__(config, bundle)
-        if self.cfg.model.lora.rank > 0:
-            raise ConfigError("method mmrl trains its tokens on a frozen backbone: set model.lora.rank to 0")
         self.model.requires_grad_(False)
         keep_in_eval(self.model)
         self.tokens = RepresentationTokens(self.cfg.method, self.model)
