@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict, register_method_config, to_dict
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.losses.contrastive import clip_contrastive_loss, siglip_loss
 from clipft.models import EMA_KEY, ModelBundle, build_model, keep_in_eval
 from clipft.models.lora import adapters_disabled, has_lora

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipft.config import ConfigError, MethodConfig, RunConfig, not_one_of
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.losses.refine import RAFA_PRIORS, RAFA_REDUCTIONS, hycd, rafa, sample_references
 from clipft.methods.base import BaseModelView, ContrastiveMethod, register_method
 from clipft.models import ModelBundle

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from clipft.config import ConfigError, RunConfig, not_one_of
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.losses.hard_negatives import distillation_loss, image_grounded_contrast, text_grounded_contrast
 from clipft.methods.base import register_method
 from clipft.methods.negclip import NegClip, NegClipConfig, encode_negatives

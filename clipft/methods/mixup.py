@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from clipft.config import ConfigError, MethodConfig, RunConfig, not_one_of
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.losses.mixup import joint_mixup_loss, m2mix_loss, unimodal_mixup_loss
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle

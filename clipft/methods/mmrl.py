@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.losses.representation import mmrl_terms
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle, keep_in_eval, read_module_state, read_training_state

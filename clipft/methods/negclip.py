@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 from torch import Tensor
 
 from clipft.config import ConfigError, MethodConfig, RunConfig
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.losses.hard_negatives import negclip_loss
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle
