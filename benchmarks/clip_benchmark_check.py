@@ -80,6 +80,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import clipft.methods  # noqa: E402,F401  (every method registers its settings)
 from clipft.config import RunConfig, load_config  # noqa: E402
 
 # table label -> (clipft metric, clip_benchmark metric)

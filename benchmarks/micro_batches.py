@@ -25,7 +25,7 @@ def one_setting(model: str, batch: int, micro: int, device: str) -> dict:
     import torch
 
     from clipft.config import load_config
-    from clipft.data.datamodule import Batch
+    from clipft.data.batch import Batch
     from clipft.methods import build_method
 
     torch.manual_seed(0)

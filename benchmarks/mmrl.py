@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from arms import ROOT, run_arm  # noqa: E402  (sets the environment and sys.path)
 
+import clipft.methods  # noqa: E402,F401  (every method registers its settings)
 from clipft.config import load_config  # noqa: E402
 from clipft.data.datamodule import ImageTextDataModule, stack_images  # noqa: E402
 from clipft.models import build_model  # noqa: E402

@@ -29,6 +29,7 @@ def plain_loop(steps: int, threads: int) -> float:
     import torch
     import torch.nn.functional as F
 
+    import clipft.methods  # noqa: F401  (every method registers its settings)
     from clipft.config import load_config
     from clipft.data.datamodule import ImageTextDataModule
     from clipft.losses import clip_contrastive_loss

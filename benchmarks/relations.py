@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from arms import ROOT, run_arm, table
 from torch import nn
 
+import clipft.methods  # noqa: F401  (every method registers its settings)
 from clipft.config import load_config
 from clipft.data.synthetic import (
     COLOURS,

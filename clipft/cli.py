@@ -182,6 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.ckpt = item.split("=", 1)[1]
     _prepare_environment(args.recipe, list(args.overrides))
 
+    import clipft.methods  # noqa: F401  (every method registers its settings before a recipe is composed)
     from clipft.config import ConfigError, load_config, to_yaml
     from clipft.data.table import DataError
     from clipft.eval.callbacks import NonFiniteFeatures

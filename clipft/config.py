@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -215,6 +215,19 @@ class MethodConfig:
     # Keep an exponential moving average of the model, θ_ema <- m·θ_ema + (1-m)·θ after every
     # optimizer step that stepped (fp32, in the checkpoint; DeGLA's teacher). null: none.
     ema_momentum: Optional[float] = None
+
+    def check(self, run: "RunConfig") -> None:
+        """The method's own checks of its settings (and of what it needs from the rest of the
+        run), when a recipe is composed: before any model, data or download is touched. Raise
+        :class:`ConfigError` naming the key, the value and what is allowed (:func:`not_one_of`)."""
+
+
+def not_one_of(key: str, value: Any, allowed: Sequence[Any]) -> ConfigError:
+    """``method.x='spere' is not one of: sphere, gaussian; did you mean sphere?``"""
+    names = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"{key}={value!r} is not one of: {', '.join(names)}{hint}")
 
 
 @dataclass
@@ -626,13 +639,7 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
         layers.append(("command-line override", _parse_overrides(overrides)))
 
     method = _method_name(layers)
-    if method not in _METHOD_CONFIGS:
-        import clipft.methods  # noqa: F401  (registers every method's config)
-    if method not in _METHOD_CONFIGS:
-        close = difflib.get_close_matches(method, list(_METHOD_CONFIGS), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"method.name: unknown method '{method}'{hint} (known: {', '.join(method_names())})")
-    schema = RunConfig(method=_METHOD_CONFIGS[method](name=method))
+    schema = RunConfig(method=_method_config(method)(name=method))
     cfg = OmegaConf.structured(schema)
     file_layers = layers[:-1] if overrides else layers
     file_method = _method_name(file_layers)
@@ -721,6 +728,7 @@ def to_object(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"missing value for {', '.join(missing)} (set it in the recipe or as key=value)")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
+    obj.method.check(obj)
     return obj
 
 
@@ -737,12 +745,27 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from :func:`to_dict` output (for example from a checkpoint)."""
     overrides_free = OmegaConf.create(data)
     method = str(OmegaConf.select(overrides_free, "method.name", default="finetune"))
-    if method not in _METHOD_CONFIGS:
-        import clipft.methods  # noqa: F401
-    if method not in _METHOD_CONFIGS:
-        raise ConfigError(f"method.name: unknown method '{method}' (known: {', '.join(method_names())})")
-    schema = OmegaConf.structured(RunConfig(method=_METHOD_CONFIGS[method](name=method)))
+    schema = OmegaConf.structured(RunConfig(method=_method_config(method)(name=method)))
     return to_object(OmegaConf.merge(schema, overrides_free))
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """The model section of a :func:`to_dict` config (a checkpoint's), whatever its method."""
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), data.get("model") or {})
+    model = OmegaConf.to_object(merged)
+    assert isinstance(model, ModelConfig)
+    return model
+
+
+def _method_config(name: str) -> type[MethodConfig]:
+    """The settings class a method registered (the methods register when ``clipft.methods``
+    is imported, which the CLI and the runner do before composing)."""
+    if name not in _METHOD_CONFIGS:
+        close = difflib.get_close_matches(name, list(_METHOD_CONFIGS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        known = ", ".join(method_names()) or "none registered: import clipft.methods first, as the CLI does"
+        raise ConfigError(f"method.name: unknown method '{name}'{hint} (known: {known})")
+    return _METHOD_CONFIGS[name]
 
 
 def to_yaml(cfg: RunConfig | DictConfig) -> str:

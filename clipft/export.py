@@ -10,9 +10,9 @@ WiSE-FT (Wortsman et al., CVPR 2022, Eq. 1) interpolates every weight between th
 and the adapted model, θ = (1 − α)·θ₀ + α·θ₁, for one α or several written side by side.
 A model card (``README.md``) records the base model, method, data, steps and final metrics.
 
-A method whose model has parameters open_clip does not know adds its part through
-:data:`EXTRA_WRITERS` / :data:`EXTRA_LOADERS` (the core stays as it is) and
-:func:`load_exported` reads it back.
+A method whose model has parameters open_clip does not know declares how they are written
+and read back (``export_writer`` / ``export_loader`` on its class, see
+:class:`clipft.methods.ContrastiveMethod`); :func:`load_exported` reads them back.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import open_clip
 import torch
 
 from clipft.config import LoraSettings, RunConfig, from_dict
+from clipft.methods import METHODS, method_class
 from clipft.models import ModelError, build_model, read_state_dict, read_training_state
 from clipft.models.factory import _quiet_root_logger
 from clipft.models.minilm import MINILM_MODEL, register_minilm
@@ -37,11 +38,6 @@ FORMATS = ("local-dir", "state-dict", "safetensors")
 WEIGHTS_FILE = {"local-dir": "open_clip_model.safetensors", "state-dict": "open_clip_model.pt",
                 "safetensors": "open_clip_model.safetensors"}
 CONFIG_FILE = "open_clip_config.json"
-# For a method whose model has parameters open_clip has no place for (MMRL's representation
-# tokens): method name -> writer(out_dir, checkpoint path) that saves them beside the open_clip
-# files, and -> loader(out_dir, open_clip model) that returns the model with them attached.
-EXTRA_WRITERS: dict[str, Callable[[Path, Path], None]] = {}
-EXTRA_LOADERS: dict[str, Callable[[Path, torch.nn.Module], torch.nn.Module]] = {}
 
 
 class ExportError(ValueError):
@@ -231,6 +227,7 @@ def _write_versions(
 ) -> list[Path]:
     """Write each version (one, or one per WiSE-FT α) under ``staging``; returns the folders
     they will have under ``out``."""
+    writer = method_class(cfg.method.name).export_writer
     written = []
     for alpha, state in versions:
         relative = Path(".") if len(versions) == 1 else Path(f"wise_ft_{alpha:g}")
@@ -248,13 +245,13 @@ def _write_versions(
             config: dict[str, Any] = {"model_cfg": folder_cfg, "preprocess_cfg": preprocess}
             # clipft's own entries go beside model_cfg: open_clip passes model_cfg's keys to the model
             extras = dict(_write_text_tower(folder, out / relative, folder_cfg, cfg.model.name))
-            if cfg.method.name in EXTRA_WRITERS:
+            if writer is not None:
                 extras["method"] = cfg.method.name
             if extras:
                 config["clipft"] = extras
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if cfg.method.name in EXTRA_WRITERS:
-            EXTRA_WRITERS[cfg.method.name](folder, checkpoint)
+        if writer is not None:
+            writer(folder, checkpoint)
         _model_card(folder, cfg, checkpoint, alpha, ema, cfg.model.lora.rank > 0)
         written.append(out / relative)
     return written
@@ -278,11 +275,10 @@ def load_exported(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
             config_file.write_text(json.dumps(config, indent=2))
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
     if "method" in extras:
-        import clipft.methods  # noqa: F401  (the methods register their loaders)
-
-        if extras["method"] not in EXTRA_LOADERS:
-            raise ExportError(f"{folder}: exported by method {extras['method']}, whose loader is not registered")
-        model = EXTRA_LOADERS[extras["method"]](folder, model)
+        loader = METHODS[extras["method"]].export_loader if extras["method"] in METHODS else None
+        if loader is None:
+            raise ExportError(f"{folder}: exported by method {extras['method']}, which declares no export_loader")
+        model = loader(folder, model)
     return model, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
 

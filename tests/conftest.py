@@ -11,6 +11,8 @@ import pytest  # noqa: E402
 
 import torch  # noqa: E402
 
+import clipft.methods  # noqa: E402,F401  (every method registers its settings, as the CLI does)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

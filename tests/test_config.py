@@ -138,3 +138,42 @@ def test_every_building_block_validates(block: Path) -> None:
     needs_data = {"csv.yaml": ["data.train=x.csv", "data.val=y.csv"], "webdataset.yaml": ["data.train=shards", "data.val=val"]}
     cfg = compose(block, needs_data.get(block.name, []))
     assert cfg is not None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.name=clip_refine", "method.rafa_prior=spere"],
+     "method.rafa_prior='spere' is not one of: gaussian, uniform, sphere; did you mean sphere?"),
+    (["method.name=clip_refine", "method.features=rwa"], "method.features='rwa' is not one of: normalized, raw; did you mean raw?"),
+    (["method.name=clip_refine", "method.hycd_alpha=2"], "method.hycd_alpha=2.0 must be in [0, 1]"),
+    (["method.name=degla", "data.negatives.count=1", "method.distill_reduction=avg"],
+     "method.distill_reduction='avg' is not one of: sum, mean"),
+    (["method.name=degla", "data.negatives.count=1", "method.ema_momentum=null"],
+     "method degla's teacher is the EMA of the model: method.ema_momentum must be set"),
+    (["method.name=mixup", "method.decay=epochs"], "method.decay='epochs' is not one of: epoch, none; did you mean epoch?"),
+    (["method.name=negclip"], "method negclip needs negative captions: set data.negatives.count >= 1"),
+    (["method.name=mmrl"], "method mmrl learns from class-labelled images: set data.classes.enabled: true (synthetic or a "
+                           "csv with a label column) or data.source: folder"),
+    (["method.name=mmrl", "data.classes.enabled=true", "model.lora.rank=4"],
+     "method mmrl trains its tokens on a frozen backbone: set model.lora.rank to 0"),
+])
+def test_method_settings_are_checked_when_the_recipe_is_composed(overrides: list[str], message: str) -> None:
+    """Before any model, data or download: composing the recipe names the key and the value."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+
+
+def test_info_names_a_method_typo_without_building_the_model(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import open_clip
+
+    from clipft.cli import main
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before the recipe was checked")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_model)
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "clip_refine_vitb32_coco.yaml")
+    assert main(["info", recipe, "method.rafa_prior=spere", "model.pretrained=null"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "clipft: error: method.rafa_prior='spere' is not one of: gaussian, uniform, sphere; did you mean sphere?"
+    )

@@ -147,9 +147,10 @@ def test_minilm_export_carries_its_text_tower_and_survives_a_move(tmp_path: Path
 
 
 def test_a_method_adds_its_own_part_to_the_export(tmp_path: Path, fast_overrides: list[str], monkeypatch) -> None:
-    """The extension point for methods with parameters open_clip lacks (MMRL): a registered
-    writer saves them beside the open_clip files, load_exported hands them to its loader."""
-    from clipft import export as exporting
+    """The extension point for methods with parameters open_clip lacks (MMRL): the method's
+    export_writer saves them beside the open_clip files, load_exported hands them to its
+    export_loader."""
+    from clipft.methods import METHODS
 
     run = _fit(fast_overrides, "recipes/quickstart.yaml", "model.pretrained=synthetic", "trainer.max_steps=2")
     written = {}
@@ -162,13 +163,13 @@ def test_a_method_adds_its_own_part_to_the_export(tmp_path: Path, fast_overrides
         model.extra_tokens = torch.load(folder / "extra.pt")["tokens"]
         return model
 
-    monkeypatch.setitem(exporting.EXTRA_WRITERS, "finetune", writer)
-    monkeypatch.setitem(exporting.EXTRA_LOADERS, "finetune", loader)
+    monkeypatch.setattr(METHODS["finetune"], "export_writer", staticmethod(writer))
+    monkeypatch.setattr(METHODS["finetune"], "export_loader", staticmethod(loader))
     export(run, tmp_path / "out")
     assert written["step"] == 2
     assert json.loads((tmp_path / "out" / "open_clip_config.json").read_text())["clipft"] == {"method": "finetune"}
     model, _, _ = load_exported(tmp_path / "out")
     assert torch.equal(model.extra_tokens, torch.arange(3.0))
-    monkeypatch.delitem(exporting.EXTRA_LOADERS, "finetune")
-    with pytest.raises(ExportError, match="loader is not registered"):
+    monkeypatch.setattr(METHODS["finetune"], "export_loader", None)
+    with pytest.raises(ExportError, match="declares no export_loader"):
         load_exported(tmp_path / "out")

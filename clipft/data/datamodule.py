@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipft.config import DataConfig, NegativesConfig
 from clipft.data import synthetic
+from clipft.data.batch import Batch
 from clipft.data.classes import ClassFetch, ClassSet, Labelled, few_shot_indices, read_class_names, template_list
 from clipft.data.hard_images import WithHardImages
 from clipft.data.negatives import negatives as draw_negatives
@@ -30,36 +30,6 @@ from clipft.data.transforms import array_transform
 from clipft.data.table import Table, load_rgb, read_image_folder, read_table
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """What every method's step receives. ``image_ids`` and ``captions`` let evaluation
-    deduplicate images (several captions per image) and texts (shared caption strings)."""
-
-    images: torch.Tensor  # [B, 3, H, W], preprocessed
-    texts: torch.Tensor  # [B, L] token ids
-    captions: list[str]
-    image_ids: list[str]
-    # data.negatives.count = K > 0 (training): each pair's own negative captions, sample-major
-    # (row i holds pair i's: the sample axis is the index map), and which of them exist
-    negative_texts: Optional[torch.Tensor] = None  # [B, K, L] token ids
-    negative_valid: Optional[torch.Tensor] = None  # [B, K] bool
-    negative_captions: Optional[list[list[str]]] = None
-    # class-based sources (data.classes): each pair's class, an index into the data's ClassSet
-    labels: Optional[torch.Tensor] = None  # [B] long
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def chunks(self, size: int) -> list["Batch"]:
-        """Consecutive micro-batches of ``size`` rows (the last may be shorter): every field
-        holds one row per pair, so each is sliced alike."""
-        return [
-            Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[start:start + size]
-                     for f in fields(self)})
-            for start in range(0, len(self), size)
-        ]
 
 
 # ------------------------------------------------------------------------ fetchers

@@ -9,9 +9,6 @@ validation, log, and let :class:`RunReport` write ``report.json``.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -29,6 +26,7 @@ from clipft.eval.metrics import (
     topk_accuracy,
     zero_shot_logits,
 )
+from clipft.eval.report import render_markdown, write_json_atomic, write_text_atomic
 
 
 def _gather_objects(trainer: L.Trainer, items: list[Any]) -> list[Any]:
@@ -381,24 +379,6 @@ class CompositionalCallback(L.Callback):
             pl_module.log(f"val/compositional/{key}", value, sync_dist=False, rank_zero_only=False)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RunReport(L.Callback):
     """Writes ``report.json`` (the latest validation metrics, step and epoch, plus any
     ``extra`` fields) and ``report.md`` (the same as tables) after every validation, on rank 0."""
@@ -420,8 +400,6 @@ class RunReport(L.Callback):
     def write(self, trainer: Optional[L.Trainer] = None) -> None:
         if trainer is not None and not trainer.is_global_zero:
             return
-        from clipft.eval.report import render_markdown
-
         report = {**self.extra, "metrics": self.metrics}
         write_json_atomic(self.path, report)
         write_text_atomic(self.path.with_suffix(".md"), render_markdown(report))

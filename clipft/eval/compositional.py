@@ -210,7 +210,7 @@ def write_synthetic_benchmark(
         by_subset[item["subset"]][str(n)] = {
             "filename": filename, "caption": item["caption"], "negative_caption": item["negative_caption"],
         }
-    from clipft.eval.callbacks import write_text_atomic
+    from clipft.eval.report import write_text_atomic
 
     for subset, data in by_subset.items():
         if data:

@@ -1,7 +1,12 @@
-"""``report.md``: the validation metrics of ``report.json`` as tables a person reads."""
+"""``report.json`` and ``report.md`` (the validation metrics as tables a person reads),
+written atomically."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 _SECTIONS = (
@@ -79,3 +84,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("train_time_s") is not None:
         lines += ["## Training curves", "", "![training curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

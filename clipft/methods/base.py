@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
 
 import lightning as L
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict, register_method_config, to_dict
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.losses.contrastive import clip_contrastive_loss, siglip_loss
 from clipft.models import EMA_KEY, ModelBundle, build_model, keep_in_eval
 from clipft.models.lora import adapters_disabled, has_lora
@@ -162,6 +163,11 @@ class ContrastiveMethod(L.LightningModule):
 
     # The names of the terms ``loss_terms`` returns (checked against method.loss_weights).
     loss_term_names: tuple[str, ...] = ("contrastive",)
+    # For a method whose model has parameters open_clip has no place for (MMRL's tokens):
+    # ``clipft export`` calls export_writer(folder, checkpoint) to save them beside the open_clip
+    # files, and ``clipft.load_exported`` export_loader(folder, open_clip model) to attach them.
+    export_writer: ClassVar[Optional[Callable[[Path, Path], None]]] = None
+    export_loader: ClassVar[Optional[Callable[[Path, nn.Module], nn.Module]]] = None
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__()

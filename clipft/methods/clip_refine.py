@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipft.config import ConfigError, MethodConfig
-from clipft.data.datamodule import Batch
+from clipft.config import ConfigError, MethodConfig, RunConfig, not_one_of
+from clipft.data.batch import Batch
 from clipft.losses.refine import RAFA_PRIORS, RAFA_REDUCTIONS, hycd, rafa, sample_references
 from clipft.methods.base import BaseModelView, ContrastiveMethod, register_method
 from clipft.models import ModelBundle
@@ -64,6 +64,17 @@ class ClipRefineConfig(MethodConfig):
     hycd_alpha: float = 0.5  # weight of the ground-truth pairs in the hybrid targets
     hycd_temperature: float = 1.0
     hycd_logit_scale: Optional[bool] = None  # multiply the similarities by each model's logit scale
+
+    def check(self, run: RunConfig) -> None:
+        if self.features not in READINGS:
+            raise not_one_of("method.features", self.features, list(READINGS))
+        for key, allowed in (("rafa_prior", RAFA_PRIORS), ("rafa_reduction", RAFA_REDUCTIONS)):
+            if getattr(self, key) is not None and getattr(self, key) not in allowed:
+                raise not_one_of(f"method.{key}", getattr(self, key), allowed)
+        if not 0.0 <= self.hycd_alpha <= 1.0:
+            raise ConfigError(f"method.hycd_alpha={self.hycd_alpha} must be in [0, 1]")
+        if self.hycd_temperature <= 0 or self.rafa_std < 0:
+            raise ConfigError("method.hycd_temperature must be > 0 and method.rafa_std >= 0")
 
 
 READINGS: dict[str, dict[str, Any]] = {
@@ -90,20 +101,11 @@ class ClipRefine(ContrastiveMethod):
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__(config, bundle)
-        opts: ClipRefineConfig = self.cfg.method  # type: ignore[assignment]
-        if opts.features not in READINGS:
-            raise ConfigError(f"method.features={opts.features!r} is not one of: {', '.join(READINGS)}")
+        opts: ClipRefineConfig = self.cfg.method  # type: ignore[assignment]  (checked: ClipRefineConfig.check)
         # the options of this run, with the reading's values where the recipe left them null
         self.options = dataclasses.replace(
             opts, **{k: v for k, v in READINGS[opts.features].items() if getattr(opts, k) is None}
         )
-        for key, allowed in (("rafa_prior", RAFA_PRIORS), ("rafa_reduction", RAFA_REDUCTIONS)):
-            if getattr(self.options, key) not in allowed:
-                raise ConfigError(f"method.{key}={getattr(opts, key)!r} is not one of: {', '.join(allowed)}")
-        if not 0.0 <= opts.hycd_alpha <= 1.0:
-            raise ConfigError(f"method.hycd_alpha={opts.hycd_alpha} must be in [0, 1]")
-        if opts.hycd_temperature <= 0 or opts.rafa_std < 0:
-            raise ConfigError("method.hycd_temperature must be > 0 and method.rafa_std >= 0")
         if not self.options.hycd_logit_scale and self.cfg.method.loss_weights.get("contrastive", 1.0) == 0:
             self.model.logit_scale.requires_grad_(False)  # no term uses it (raw reading without CLIP)
         # The starting weights: the student is built from model.pretrained, so at this point it

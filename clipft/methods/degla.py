@@ -29,16 +29,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from clipft.config import ConfigError, MethodConfig
-from clipft.data.datamodule import Batch
+from clipft.config import ConfigError, RunConfig, not_one_of
+from clipft.data.batch import Batch
 from clipft.losses.hard_negatives import distillation_loss, image_grounded_contrast, text_grounded_contrast
 from clipft.methods.base import register_method
-from clipft.methods.negclip import NegClip, encode_negatives
+from clipft.methods.negclip import NegClip, NegClipConfig, encode_negatives
 from clipft.models import ModelBundle
 
 
 @dataclass
-class DeglaConfig(MethodConfig):
+class DeglaConfig(NegClipConfig):
     name: str = "degla"
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"contrastive": 1.0, "igc": 0.1, "tgc": 0.1, "distill": 0.005}
@@ -46,6 +46,13 @@ class DeglaConfig(MethodConfig):
     ema_momentum: Optional[float] = 0.9996  # the teacher
     tgc_scale: float = 10.0  # fixed logit scale of TGC (τ = 0.1)
     distill_reduction: str = "sum"  # sum (the official code: grows with the batch) | mean (per pair)
+
+    def check(self, run: RunConfig) -> None:
+        super().check(run)
+        if self.ema_momentum is None:
+            raise ConfigError("method degla's teacher is the EMA of the model: method.ema_momentum must be set")
+        if self.distill_reduction not in ("sum", "mean"):
+            raise not_one_of("method.distill_reduction", self.distill_reduction, ("sum", "mean"))
 
 
 @register_method("degla", DeglaConfig)
@@ -56,12 +63,7 @@ class Degla(NegClip):
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__(config, bundle)
-        opts: DeglaConfig = self.cfg.method  # type: ignore[assignment]
-        if opts.ema_momentum is None:
-            raise ConfigError("method degla's teacher is the EMA of the model: method.ema_momentum must be set")
-        if opts.distill_reduction not in ("sum", "mean"):
-            raise ConfigError(f"method.distill_reduction={opts.distill_reduction!r} is not one of: sum, mean")
-        self.options = opts
+        self.options: DeglaConfig = self.cfg.method  # type: ignore[assignment]  (checked: DeglaConfig.check)
 
     @property
     def teacher(self) -> torch.nn.Module:

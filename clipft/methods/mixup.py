@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clipft.config import ConfigError, MethodConfig
-from clipft.data.datamodule import Batch
+from clipft.config import ConfigError, MethodConfig, RunConfig, not_one_of
+from clipft.data.batch import Batch
 from clipft.losses.mixup import joint_mixup_loss, m2mix_loss, unimodal_mixup_loss
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle
@@ -45,6 +45,14 @@ class MixupConfig(MethodConfig):
     betas: dict[str, float] = field(default_factory=lambda: {"m2mix": 0.5, "vv": 0.5, "ll": 0.5, "vl": 0.5})
     decay: str = "epoch"  # epoch: c(e) = 1/(e+1); none
 
+    def check(self, run: RunConfig) -> None:
+        if self.decay not in ("epoch", "none"):
+            raise not_one_of("method.decay", self.decay, ("epoch", "none"))
+        if set(self.betas) != set(TERMS) or any(b <= 0 for b in self.betas.values()):
+            raise ConfigError(f"method.betas: a positive Beta parameter for each of {', '.join(TERMS)}")
+        if (self.temperature is not None and self.temperature <= 0) or self.m2mix_temperature <= 0:
+            raise ConfigError("method.temperature and method.m2mix_temperature must be > 0")
+
 
 @register_method("mixup", MixupConfig)
 class Mixup(ContrastiveMethod):
@@ -54,13 +62,7 @@ class Mixup(ContrastiveMethod):
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__(config, bundle)
-        opts: MixupConfig = self.cfg.method  # type: ignore[assignment]
-        if opts.decay not in ("epoch", "none"):
-            raise ConfigError(f"method.decay={opts.decay!r} is not one of: epoch, none")
-        if set(opts.betas) != set(TERMS) or any(b <= 0 for b in opts.betas.values()):
-            raise ConfigError(f"method.betas: a positive Beta parameter for each of {', '.join(TERMS)}")
-        if (opts.temperature is not None and opts.temperature <= 0) or opts.m2mix_temperature <= 0:
-            raise ConfigError("method.temperature and method.m2mix_temperature must be > 0")
+        opts: MixupConfig = self.cfg.method  # type: ignore[assignment]  (checked: MixupConfig.check)
         if getattr(self.model, "logit_bias", None) is not None:
             raise ConfigError("method mixup uses the softmax CLIP loss; this model trains with SigLIP's sigmoid loss")
         self.options = opts

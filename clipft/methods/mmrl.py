@@ -33,12 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipft.config import ConfigError, MethodConfig
-from clipft.data.datamodule import Batch
+from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict
+from clipft.data.batch import Batch
 from clipft.losses.representation import mmrl_terms
 from clipft.methods.base import ContrastiveMethod, register_method
-from clipft.export import EXTRA_LOADERS, EXTRA_WRITERS
-from clipft.models import ModelBundle, keep_in_eval, read_module_state
+from clipft.models import ModelBundle, keep_in_eval, read_module_state, read_training_state
 from clipft.models.tokens import (
     encode_image_with_tokens,
     encode_text_with_tokens,
@@ -64,6 +63,17 @@ class MMRLConfig(MethodConfig):
     residual_rank: int = 4  # MMRL++: rank of each layer's residual on the shared map
     projection_rank: int = 64  # MMRL++: rank of P_r − P
     beta: float = 0.9  # MMRL++: share of the mapped tokens in each later layer's input
+
+    def check(self, run: RunConfig) -> None:
+        if run.model.lora.rank > 0:
+            raise ConfigError("method mmrl trains its tokens on a frozen backbone: set model.lora.rank to 0")
+        if not (run.data.classes.enabled or run.data.source == "folder"):
+            raise ConfigError(
+                "method mmrl learns from class-labelled images: set data.classes.enabled: true "
+                "(synthetic or a csv with a label column) or data.source: folder"
+            )
+        if self.num_tokens < 1 or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"method.num_tokens must be >= 1 and method.alpha in [0, 1] (got {self.num_tokens}, {self.alpha})")
 
 
 def default_first_layer(depth: int, first_layer: Optional[int]) -> int:
@@ -214,8 +224,6 @@ class MMRL(ContrastiveMethod):
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__(config, bundle)
-        if self.cfg.model.lora.rank > 0:
-            raise ConfigError("method mmrl trains its tokens on a frozen backbone: set model.lora.rank to 0")
         self.model.requires_grad_(False)
         keep_in_eval(self.model)
         self.tokens = RepresentationTokens(self.cfg.method, self.model)
@@ -306,12 +314,10 @@ def write_tokens(folder: Path, checkpoint: Path) -> None:
     """Export: the trained tokens, maps and representation projection beside the open_clip files."""
     from safetensors.torch import save_file
 
-    from clipft.export import run_config
-
     state = read_module_state(checkpoint)
     tokens = {k[len("tokens."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("tokens.")}
     save_file(tokens, str(folder / TOKENS_FILE))
-    method = run_config(checkpoint).method
+    method = from_dict(read_training_state(checkpoint)["hyper_parameters"]["config"]).method
     (folder / TOKENS_CONFIG).write_text(json.dumps(dataclasses.asdict(method), indent=2))
 
 
@@ -325,7 +331,6 @@ def load_tokens(folder: Path, model: nn.Module) -> MMRLModel:
     return MMRLModel(model, tokens).eval()
 
 
-EXTRA_WRITERS["mmrl"] = write_tokens
-EXTRA_LOADERS["mmrl"] = load_tokens
+MMRL.export_writer, MMRL.export_loader = staticmethod(write_tokens), staticmethod(load_tokens)
 
 __all__ = ["MMRL", "MMRLConfig", "MMRLModel", "RepresentationTokens", "load_tokens", "write_tokens"]

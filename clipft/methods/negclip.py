@@ -16,12 +16,13 @@ Hsieh et al. 2023): compare it against ``finetune`` with the same data and steps
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from torch import Tensor
 
-from clipft.config import ConfigError
-from clipft.data.datamodule import Batch
+from clipft.config import ConfigError, MethodConfig, RunConfig
+from clipft.data.batch import Batch
 from clipft.losses.hard_negatives import negclip_loss
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle
@@ -35,14 +36,21 @@ def encode_negatives(encode_text: Callable[[Tensor], Tensor], batch: Batch) -> T
     return encode_text(batch.negative_texts.reshape(pairs * count, length)).reshape(pairs, count, -1)
 
 
-@register_method("negclip")
+@dataclass
+class NegClipConfig(MethodConfig):
+    name: str = "negclip"
+
+    def check(self, run: RunConfig) -> None:
+        if run.data.negatives.count < 1:
+            raise ConfigError(f"method {self.name} needs negative captions: set data.negatives.count >= 1")
+
+
+@register_method("negclip", NegClipConfig)
 class NegClip(ContrastiveMethod):
     """CLIP loss with each pair's negative captions as extra image→text negatives."""
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__(config, bundle)
-        if self.cfg.data.negatives.count < 1:
-            raise ConfigError("method negclip needs negative captions: set data.negatives.count >= 1")
         if getattr(self.model, "logit_bias", None) is not None:
             raise ConfigError("method negclip uses the softmax CLIP loss; this model trains with SigLIP's sigmoid loss")
 

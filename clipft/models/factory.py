@@ -16,7 +16,7 @@ import open_clip
 import torch
 from torch import nn
 
-from clipft.config import ModelConfig
+from clipft.config import ModelConfig, model_config_from_dict
 from clipft.models import checkpoint_io
 from clipft.models.errors import ModelError
 from clipft.models.lora import is_adapted_state_dict, plain_state_dict
@@ -256,9 +256,8 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
     run_config = (hparams or {}).get("config") if isinstance(hparams, dict) else None
     if not ema and isinstance(run_config, dict) and run_config.get("trainer", {}).get("exclude_frozen_parameters"):
         # a DeepSpeed checkpoint without its frozen weights: they are the run's start
-        from clipft.config import from_dict
 
-        state = {**build_model(from_dict(run_config).model).model.state_dict(), **state}
+        state = {**build_model(model_config_from_dict(run_config)).model.state_dict(), **state}
     if is_adapted_state_dict(state):
         state = plain_state_dict(state, _lora_scaling(path, hparams))
     return state

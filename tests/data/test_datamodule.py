@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 from PIL import Image
 
 from clipft.config import ZeroShotTaskConfig, load_config
-from clipft.data.datamodule import Batch, ImageTextDataModule
+from clipft.data.batch import Batch
+from clipft.data.datamodule import ImageTextDataModule
 from clipft.data.transforms import ViaPIL, array_fast_path, array_transform
 from clipft.eval.tasks import build_zeroshot_task
 from clipft.models import build_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.eval.callbacks import (
     GapCallback,
     RetrievalCallback,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipft.config import load_config
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.methods import Finetune, build_method
 from clipft.methods.base import warmup_cosine
 

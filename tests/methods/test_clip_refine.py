@@ -11,7 +11,7 @@ import torch
 
 from clipft.cli import main
 from clipft.config import ConfigError, load_config
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.methods import ClipRefine, build_method
 from clipft.methods.clip_refine import FINGERPRINT_KEY, TEACHER_KEY
 

@@ -9,7 +9,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from clipft.config import load_config
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.methods import Finetune, build_method
 from clipft.models import EMA_KEY
 

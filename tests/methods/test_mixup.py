@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clipft.config import ConfigError, load_config
-from clipft.data.datamodule import Batch
+from clipft.data.batch import Batch
 from clipft.losses.mixup import m2mix_loss
 from clipft.methods import build_method
 

@@ -50,7 +50,7 @@ def _method(*overrides: str) -> MMRL:
 
 
 def _batch(method: MMRL):  # type: ignore[no-untyped-def]
-    from clipft.data.datamodule import Batch
+    from clipft.data.batch import Batch
 
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     texts = method.tokenizer(["x"] * 5)

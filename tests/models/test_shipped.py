@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from clipft.config import ConfigError, ModelConfig, load_config
 from clipft.models import ModelError, build_model
-from clipft.models.shipped import shipped_weights, write_shipped_weights
+from clipft.models.__main__ import write_shipped_weights
+from clipft.models.shipped import shipped_weights
 
 
 def test_synthetic_tag_loads_the_package_file() -> None:
