@@ -62,8 +62,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the resolved config (recipe + includes + overrides) and the total and trainable "
         "parameter counts per tower, without loading data or training.",
     )
-    info.add_argument("recipe", help="recipe YAML")
+    info.add_argument("recipe", nargs="?", help="recipe YAML (not needed with --methods)")
     info.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    info.add_argument("--methods", action="store_true",
+                      help="list every method: what it does, its paper, its loss terms and its settings with defaults")
     info.add_argument("--gpu-memory", metavar="SIZE",
                       help="warn when the memory estimate exceeds SIZE (80GB, 141GiB) and say what would fit")
     info.add_argument(
@@ -169,6 +171,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return _export(args) if args.verb == "export" else _data(args)
+    if args.verb == "info" and args.methods:
+        import clipft.methods  # noqa: F401  (every method registers itself)
+        from clipft.methods.catalog import render
+
+        print(render(), end="")
+        return 0
+    if args.verb == "info" and args.recipe is None:
+        parser.error("info: give a recipe (or --methods)")
     # overrides may also follow an option (clipft validate R --ckpt C key=value)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:

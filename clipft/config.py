@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
 import logging
 import os
 import re
+import textwrap
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -220,6 +224,33 @@ class MethodConfig:
         """The method's own checks of its settings (and of what it needs from the rest of the
         run), when a recipe is composed: before any model, data or download is touched. Raise
         :class:`ConfigError` naming the key, the value and what is allowed (:func:`not_one_of`)."""
+
+
+def setting_help(cls: type) -> dict[str, str]:
+    """The comments of a settings dataclass, by field: the comment lines just above a field
+    and the comment at the end of its line, as written in the code (what ``clipft info
+    --methods`` prints, so the help cannot drift from the code). Inherited fields take the
+    help of the class that declares them."""
+    help_of: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        source = textwrap.dedent(inspect.getsource(klass))
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        above: list[str] = []
+        for number, line in enumerate(source.splitlines(), start=1):
+            match = re.match(r"\s+(\w+)\s*:", line)
+            if line.strip().startswith("#"):
+                above.append(comments[number])
+            elif match and not line.lstrip().startswith("def "):
+                text = " ".join(above + ([comments[number]] if number in comments else []))
+                if text:
+                    help_of[match.group(1)] = text
+                above = []
+            else:
+                above = []
+    return help_of
 
 
 def not_one_of(key: str, value: Any, allowed: Sequence[Any]) -> ConfigError:

@@ -163,6 +163,9 @@ class ContrastiveMethod(L.LightningModule):
 
     # The names of the terms ``loss_terms`` returns (checked against method.loss_weights).
     loss_term_names: tuple[str, ...] = ("contrastive",)
+    # What ``clipft info --methods`` says of the method: one line, and the paper it implements.
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
     # For a method whose model has parameters open_clip has no place for (MMRL's tokens):
     # ``clipft export`` calls export_writer(folder, checkpoint) to save them beside the open_clip
     # files, and ``clipft.load_exported`` export_loader(folder, open_clip model) to attach them.

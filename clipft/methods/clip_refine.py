@@ -62,7 +62,7 @@ class ClipRefineConfig(MethodConfig):
     rafa_std: float = 1.0  # σ
     rafa_reduction: Optional[str] = None  # paper (½·mean ‖·‖²) | code (element-wise mean, modalities summed)
     hycd_alpha: float = 0.5  # weight of the ground-truth pairs in the hybrid targets
-    hycd_temperature: float = 1.0
+    hycd_temperature: float = 1.0  # τ of the softmax of the teacher's and the student's similarities in HyCD
     hycd_logit_scale: Optional[bool] = None  # multiply the similarities by each model's logit scale
 
     def check(self, run: RunConfig) -> None:
@@ -96,6 +96,9 @@ def fingerprint(module: torch.nn.Module) -> str:
 @register_method("clip_refine", ClipRefineConfig)
 class ClipRefine(ContrastiveMethod):
     """RaFA + HyCD against a frozen teacher (see the module docstring)."""
+
+    summary = "post-pre-training that narrows the modality gap: RaFA + HyCD against the frozen start"
+    paper = 'Yamaguchi et al., "Post-pre-training for modality alignment in vision-language foundation models", CVPR 2025'
 
     loss_term_names = ("contrastive", "rafa", "hycd")
 

@@ -59,6 +59,9 @@ class DeglaConfig(NegClipConfig):
 class Degla(NegClip):
     """NegCLIP + IGC + TGC + EMA self-distillation (see the module docstring)."""
 
+    summary = "compositional fine-tuning: hard negatives, IGC + TGC, self-distillation from an EMA teacher"
+    paper = 'Hu et al., "Decoupled global-local alignment for improving compositional understanding", ACM MM 2025'
+
     loss_term_names = ("contrastive", "igc", "tgc", "distill")
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:

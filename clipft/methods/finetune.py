@@ -21,3 +21,6 @@ from clipft.methods.base import ContrastiveMethod, register_method
 @register_method("finetune")
 class Finetune(ContrastiveMethod):
     """FLYP: the CLIP contrastive loss on both towers (see the module docstring)."""
+
+    summary = "fine-tune both towers with the pre-training loss (CLIP's, or SigLIP's for a SigLIP model)"
+    paper = 'Goyal et al., "Finetune like you pretrain: improved finetuning of zero-shot vision models", CVPR 2023'

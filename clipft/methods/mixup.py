@@ -42,6 +42,7 @@ class MixupConfig(MethodConfig):
     )
     temperature: Optional[float] = 0.01  # τ of CLIP and the uni-/joint-modal terms; null: learned
     m2mix_temperature: float = 0.07  # τ₂ of the m²-mix negatives
+    # β of each term's mixing ratio λ ~ Beta(β, β)
     betas: dict[str, float] = field(default_factory=lambda: {"m2mix": 0.5, "vv": 0.5, "ll": 0.5, "vl": 0.5})
     decay: str = "epoch"  # epoch: c(e) = 1/(e+1); none
 
@@ -57,6 +58,9 @@ class MixupConfig(MethodConfig):
 @register_method("mixup", MixupConfig)
 class Mixup(ContrastiveMethod):
     """CLIP fine-tuning with geodesic mixup terms (see the module docstring)."""
+
+    summary = "robust fine-tuning with geodesic multi-modal mixup (m²-mix, m³-mix)"
+    paper = 'Oh et al., "Geodesic multi-modal mixup for robust fine-tuning", NeurIPS 2023'
 
     loss_term_names = ("contrastive", *TERMS)
 

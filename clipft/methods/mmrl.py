@@ -220,6 +220,9 @@ class MMRLModel(nn.Module):
 class MMRL(ContrastiveMethod):
     """MMRL / MMRL++ on class-labelled data (``data.classes``); see the module docstring."""
 
+    summary = "few-shot adaptation with shared representation tokens on a frozen backbone (MMRL, MMRL++)"
+    paper = 'Guo & Gu, "MMRL: multi-modal representation learning for vision-language models", CVPR 2025'
+
     loss_term_names = ("class", "representation", "image_reg", "text_reg")
 
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:

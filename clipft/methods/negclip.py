@@ -49,6 +49,9 @@ class NegClipConfig(MethodConfig):
 class NegClip(ContrastiveMethod):
     """CLIP loss with each pair's negative captions as extra image→text negatives."""
 
+    summary = "compositional fine-tuning: each pair's negative captions as extra image→text negatives"
+    paper = 'Yuksekgonul et al., "When and why vision-language models behave like bags-of-words, and what to do about it?", ICLR 2023'
+
     def __init__(self, config: dict[str, Any], bundle: Optional[ModelBundle] = None) -> None:
         super().__init__(config, bundle)
         if getattr(self.model, "logit_bias", None) is not None:
