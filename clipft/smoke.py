@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Collection, Optional
+from typing import Any, Collection
 
 import open_clip
 
@@ -154,6 +154,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _short(value: Optional[Any], width: int = 60) -> str:
+def _short(value: Any, width: int = 60) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= width else text[: width - 3] + "..."
