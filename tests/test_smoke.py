@@ -53,6 +53,18 @@ def test_user_overrides_win_and_sizes_follow_them(tmp_path: Path) -> None:
     assert kept.trainer.precision == "amp_bf16"
 
 
+def test_a_deepspeed_recipe_runs_in_one_process_and_says_so(tmp_path: Path) -> None:
+    from clipft.smoke import describe
+
+    recipe = ROOT / "recipes" / "clip_refine_vitb32_coco.yaml"
+    before, cfg = smoke_config(recipe, [f"run.out_dir={tmp_path}", "include=configs/trainer/deepspeed_zero3.yaml"])
+    assert before.trainer.strategy == "deepspeed_stage_3"
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.accelerator) == ("auto", 1, "cpu")
+    lines = describe(before, cfg)
+    assert "  trainer.strategy: deepspeed_stage_3 -> auto" in lines
+    assert any("deepspeed_stage_3" in line and "one process" in line for line in lines if "note" in line)
+
+
 def test_smoke_drops_evaluations_that_read_files() -> None:
     from clipft.smoke import smoke_overrides
 
