@@ -110,11 +110,11 @@ def mfu(samples_per_s: Optional[float], model_name: str, peak: Optional[float]) 
 # ------------------------------------------------------------------ stages
 
 
-def _run(command: list[str], log: Path, timeout: float) -> tuple[int, str]:
+def _run(command: list[str], log: Path, timeout: float, cwd: Path = ROOT) -> tuple[int, str]:
     """Run a child process (stdout and stderr to ``log``); its exit code and output."""
     with open(log, "w") as out:
         try:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout).returncode
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = 124
     return code, log.read_text()
@@ -179,9 +179,10 @@ def open_clip_train_throughput(work: Path, sizes: Sizes, train: Path) -> dict:
         sys.executable, "-m", "open_clip_train.main", "--train-data", pattern, "--train-num-samples",
         str(sizes.samples), "--dataset-type", "webdataset", "--model", sizes.model, "--precision", sizes.precision,
         "--batch-size", str(sizes.batch), "--epochs", "1", "--workers", str(sizes.workers), "--lr", "1e-5",
-        "--warmup", "0", "--log-every-n-steps", "1", "--logs", "none", "--report-to", "",
+        "--warmup", "0", "--log-every-n-steps", "1", "--report-to", "", "--name", "gpu_check",
         "--device", "cuda" if sizes.accelerator == "gpu" else "cpu",
-    ], work / "open_clip_train.log", 600)
+        "--logs", "none",  # no checkpoint (its log folder none/gpu_check/ lands in the work folder)
+    ], work / "open_clip_train.log", 600, cwd=work)
     rates = [float(v) for v in re.findall(r"([0-9.]+)/s/gpu", out)]
     if code != 0 or not rates:
         return {"row": row, "status": _tail(out)}

@@ -24,12 +24,12 @@ from typing import Any, Collection
 import open_clip
 
 import clipft.models  # noqa: F401  (registers clipft's shipped model configs with open_clip)
-from clipft.config import PRECISION, RunConfig, load_config, to_dict
+from clipft.config import PRECISION, ConfigError, RunConfig, load_config, to_dict
 
 STEPS = 2
 BATCH = 4
 VAL_SIZE = 16  # validation pairs: 4 batches, enough for both halves of base-to-novel
-CLASS_TRAIN_SIZE = 128  # one-object scenes to draw one shot of each base class from
+CLASS_TRAIN_SIZE = 128  # at least this many one-object scenes; about half show a base class
 # On a CPU, 16-bit precisions train in fp32. Lightning refuses fp16 autocast on a CPU, and its CPU
 # bf16 autocast is slow where it matters here: with a frozen backbone (MMRL) PyTorch's attention
 # multiplies a transposed input by a bf16 weight copied once per position (an MMRL ViT-B/16 step:
@@ -41,7 +41,8 @@ def image_size(model_name: str) -> int:
     """The image side the model was built for (its open_clip config's ``vision_cfg``)."""
     config = open_clip.get_model_config(model_name)
     if config is None:
-        raise ValueError(f"model.name: '{model_name}' has no open_clip config to read its image size from")
+        raise ConfigError(f"model.name: '{model_name}' has no open_clip config to read its image size from; "
+                          "give it: data.synthetic.image_size=N")
     size = config["vision_cfg"].get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
@@ -60,6 +61,7 @@ def smoke_overrides(cfg: RunConfig, keep: Collection[str] = ()) -> list[str]:
     batch = cfg.data.batch_size if _given("data.batch_size", keep) else BATCH
     steps = cfg.trainer.max_steps if _given("trainer.max_steps", keep) else STEPS
     accelerator = cfg.trainer.accelerator if _given("trainer.accelerator", keep) else "cpu"
+    size = cfg.data.synthetic.image_size if _given("data.synthetic.image_size", keep) else image_size(cfg.model.name)
     classes = cfg.data.classes.enabled or cfg.data.source == "folder"
     precision = cfg.trainer.precision
     if accelerator == "cpu":
@@ -77,9 +79,10 @@ def smoke_overrides(cfg: RunConfig, keep: Collection[str] = ()) -> list[str]:
         "data.source": "synthetic",
         "data.train": None,
         "data.val": None,
-        "data.synthetic.image_size": image_size(cfg.model.name),
-        # one batch per step (hard images encode the whole training set once: keep it small)
-        "data.synthetic.train_size": max(batch * steps, CLASS_TRAIN_SIZE if classes else 1),
+        "data.synthetic.image_size": size,
+        # one batch per step (hard images encode the whole training set once: keep it small);
+        # class data keeps about half the scenes (those of base classes)
+        "data.synthetic.train_size": max(4 * batch * steps, CLASS_TRAIN_SIZE) if classes else batch * steps,
         "data.synthetic.val_size": VAL_SIZE,
         "data.batch_size": batch,
         "data.val_batch_size": batch,
@@ -111,7 +114,7 @@ def smoke_overrides(cfg: RunConfig, keep: Collection[str] = ()) -> list[str]:
         overrides["eval.compositional.size"] = VAL_SIZE
     if classes:  # class-labelled synthetic objects instead of the recipe's image folder or table
         overrides |= {"data.classes.enabled": True, "data.classes.task": "object", "data.classes.names": None,
-                      "data.classes.shots": 1}
+                      "data.classes.shots": None}  # every base-class scene: enough for the steps at any batch
     return [f"{key}={_format(value)}" for key, value in overrides.items() if not _given(key, keep)]
 
 

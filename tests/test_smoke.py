@@ -39,6 +39,7 @@ def test_smoke_config_keeps_the_recipe_at_real_size(recipe: Path, tmp_path: Path
     classes = before.data.source == "folder"  # MMRL: class-labelled synthetic objects
     assert (cfg.data.classes.enabled, cfg.data.classes.task) == ((True, "object") if classes else (False, before.data.classes.task))
     assert cfg.data.synthetic.train_size == (128 if classes else 8)
+    assert cfg.data.classes.shots is None
     assert all(task.source == "synthetic" and task.size == 16 for task in cfg.eval.zeroshot)
 
 
