@@ -22,7 +22,8 @@ if [[ -n $wheels ]]; then
   found=("$wheels"/*.whl)
   [[ ${#found[@]} -gt 0 ]] || { echo "gpu_check.sh: no .whl files in $wheels" >&2; exit 2; }
   "$python" -m pip install --no-index --no-deps "${found[@]}"
-  "$python" -m pip install --no-index --no-deps --no-build-isolation -e .
+  "$python" -m pip install --no-index --no-deps --no-build-isolation -e . \
+    || echo "gpu_check.sh: clipft not installed (setuptools missing?); using it from $PWD through PYTHONPATH" >&2
 fi
-export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
+export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 exec "$python" benchmarks/gpu_check.py "${args[@]}"
