@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_size_cpu.md"))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every recipe")
     args = parser.parse_args(argv)
+    load = os.getloadavg()[0]  # the machine may be shared: a loaded one stretches the times
     rows = []
     for recipe in args.recipes:
         rows.append(run_recipe(recipe, args.overrides))
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"# Paper recipes at real size, `clipft fit RECIPE --smoke` on a CPU\n\n"
               f"`python benchmarks/real_size.py` on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-              f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Random weights, "
+              f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+              f"{load:.1f} at the start. Random weights, "
               "synthetic data at the model's image size, 2 steps of 4 pairs, fp32, one process; step: the median "
               "of the 2 steps; peak RSS of the run's own process; wall: the whole command (build, 2 steps, "
               "evaluation on 16 pairs, last.ckpt).\n\n")

@@ -109,3 +109,21 @@ def test_mmrl_vitb16_smoke_trains_at_224px(tmp_path: Path) -> None:
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
     # training batches of 4 and validation batches, every one at 224 px
     assert seen and {shape[1:] for shape in seen} == {(3, 224, 224)} and (4, 3, 224, 224) in seen
+
+
+@pytest.mark.gpu
+def test_smoke_on_a_gpu_reports_peak_memory_near_the_estimate(tmp_path: Path) -> None:
+    """NegCLIP ViT-B/32 at its batch of 256 for 5 steps on one GPU, in bf16: the peak memory
+    holds at least the model states clipft.memory estimates and not twice the whole estimate."""
+    from clipft.cli import main
+    from clipft.memory import count, estimate, model_state_bytes
+
+    recipe = ROOT / "recipes" / "negclip_vitb32_coco.yaml"
+    overrides = [f"run.out_dir={tmp_path}", "trainer.accelerator=gpu", "data.batch_size=256", "trainer.max_steps=5",
+                 "trainer.enable_progress_bar=false", "run.plot=false"]
+    assert main(["fit", str(recipe), "--smoke", *overrides]) == 0
+    report = json.loads(next(tmp_path.glob("negclip_vitb32_coco/*/report.json")).read_text())
+    _, cfg = smoke_config(recipe, overrides)
+    assert cfg.trainer.precision == "amp_bf16"
+    states, _ = model_state_bytes(count(cfg), cfg.trainer, 1)
+    assert states <= report["peak_gpu_memory_bytes"] <= 2 * estimate(cfg).total
