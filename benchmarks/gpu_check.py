@@ -319,7 +319,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{sizes.image_size} px\n\nMFU: training FLOPs 3 x {forward_flops(sizes.model) / 1e9:.2f} GFLOPs a sample "
         f"(benchmarks/gpu_check.py, forward_flops) over a dense bf16 peak of {peak or 'n/a'} TFLOPS.\n\n"
         + markdown_table(rows, THROUGHPUT_COLUMNS)
-        + f"\n\n## Paper recipes, {sizes.recipe_steps} steps at real size and batch, one device\n\n"
+        + f"\n\n## Paper recipes, {sizes.recipe_steps} steps "
+        + (f"with {sizes.model} at batch {sizes.batch}" if args.cpu_smoke else "at real size and batch") + ", one device\n\n"
         "peak: torch.cuda.max_memory_allocated while training (report.json); estimate: `clipft info`'s total "
         "(clipft.memory.estimate, without CUDA context and allocator slack).\n\n"
         + markdown_table(recipes, RECIPE_COLUMNS) + "\n"
