@@ -4,6 +4,7 @@ Examples:
   clipft fit recipes/quickstart.yaml
   clipft fit recipes/quickstart.yaml optim.lr=5e-4 trainer.max_steps=200
   clipft fit recipes/quickstart.yaml run.resume=last
+  clipft fit recipes/mmrl_vitb16_imagenet.yaml --smoke
   clipft info recipes/finetune.yaml model.name=ViT-B-32
   clipft validate recipes/quickstart.yaml ckpt=runs/quickstart/<time>/checkpoints/best.ckpt
   clipft export runs/quickstart/<time> --out exported/quickstart
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("recipe", help="recipe YAML (see recipes/)")
     fit.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     fit.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    fit.add_argument(
+        "--smoke", action="store_true",
+        help="smoke-test the recipe at its real size on a CPU: random weights, synthetic data at the model's "
+        "image size, 2 steps of 4 pairs, one process, a temporary run.out_dir; method, teacher/EMA, negatives, "
+        "LoRA and class data as the recipe's (docs/gpu.md). Overrides still apply and win.",
+    )
 
     val = verbs.add_parser(
         "validate",
@@ -200,8 +207,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from clipft.models import ModelError
 
     try:
-        # info reads no data: a recipe's data files need not exist yet
-        cfg = load_config(args.recipe, list(args.overrides), check_data=args.verb != "info")
+        if args.verb == "fit" and args.smoke:
+            from clipft.smoke import describe, smoke_config
+
+            recipe_cfg, cfg = smoke_config(args.recipe, list(args.overrides))
+            print("\n".join(describe(recipe_cfg, cfg)), flush=True)
+        else:  # info reads no data: a recipe's data files need not exist yet
+            cfg = load_config(args.recipe, list(args.overrides), check_data=args.verb != "info")
         from clipft import runner
 
         if args.verb == "info" and args.launcher:

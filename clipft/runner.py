@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -242,6 +243,40 @@ class LoggerStepIsGlobalStep(L.Callback):
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
+class StepTimes(L.Callback):
+    """The median time of a training batch, from the end of one to the end of the next (data
+    loading included; the first from its start), and the peak GPU memory allocated while
+    training, in the report. train_time_s also holds the first steps' warm-up and the setup;
+    a throughput or a memory check reads these."""
+
+    def __init__(self, report: RunReport) -> None:
+        self.report = report
+        self.last: Optional[float] = None
+        self.times: list[float] = []
+
+    def _now(self, trainer: L.Trainer) -> float:
+        # no device sync: on a GPU the host runs ahead by a bounded queue, so the intervals'
+        # median is the step time in steady state without stalling every step
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.last is None:
+            self.last = self._now(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = self._now(trainer)
+        self.times.append(now - (self.last or now))
+        self.last = now
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.times:
+            self.report.extra["step_time_s"] = round(statistics.median(self.times), 4)
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            self.report.extra["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+
+
+
 def build_callbacks(
     cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path] = None, datamodule: Optional[ImageTextDataModule] = None
 ) -> list[L.Callback]:
@@ -352,6 +387,8 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
             LearningRateMonitor(logging_interval="step"),
         ]
     callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint()]
+    if stage == "fit":
+        callbacks.append(StepTimes(report))
     t = cfg.trainer
     optional = {
         k: v
