@@ -238,3 +238,21 @@ def test_export_never_merges_into_a_users_folder_and_never_leaves_half_an_export
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
     assert modes == {"export": 0o755, "README.md": 0o644, "open_clip_config.json": 0o644,
                      "open_clip_model.safetensors": 0o644}
+
+
+def test_a_read_only_out_dir_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Root ignores a folder's write bits (CI runs as root), so the refusal is simulated."""
+    out = tmp_path / "read-only"
+    mkdir = Path.mkdir
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        if str(self).startswith(str(out)):
+            raise PermissionError(13, "Permission denied", str(self))
+        mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert main(["fit", QUICKSTART, *FAST_OVERRIDES, *SHORT, f"run.out_dir={out}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"clipft: error: run.out_dir: cannot create the run folder under '{out}' (Permission denied); "
+        "set run.out_dir to a folder you can write to"
+    )
