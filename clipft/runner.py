@@ -494,7 +494,7 @@ def _fit(run: Run) -> dict[str, Any]:
     # saved again after a final validation too, so that it records the metrics rows logged
     stale = validated or _checkpoint_step(last if last.exists() else None) != trainer.global_step
     if trainer.strategy.broadcast(stale):  # rank 0 decides; every rank joins the save
-        trainer.save_checkpoint(last, weights_only=False)  # the run ended between checkpoints
+        trainer.save_checkpoint(last)  # the run ended between checkpoints (a full checkpoint: weights and training state)
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]
     run.report.extra.update(  # paths relative to the run folder
         best_checkpoint=os.path.relpath(best, run.run_dir) if best else None,

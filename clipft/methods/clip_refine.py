@@ -19,7 +19,7 @@ Two readings of the losses exist (research notes §1.2 and §1.6), both availabl
 * ``features: normalized`` — unit features, references normalised onto the sphere
   (``rafa_prior: sphere``), HyCD on the logit-scaled cosine similarities.
 
-Which one is the default, and why, is in the README (measured by ``benchmarks/clip_refine.py``).
+Which one is the default, and why, is in docs/methods.md (measured by ``benchmarks/clip_refine.py``).
 
 The teacher is never in the optimizer or the checkpoint's state dict: it is rebuilt from
 ``model.pretrained`` when a run resumes, and stored once beside the state dict
