@@ -402,6 +402,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"finetune": MethodConfig}
 
 
+def lightning_precision(name: str) -> str:
+    """Lightning's name for an open_clip (or Lightning) precision name; validated in config."""
+    return PRECISION.get(name, name)
+
+
 def register_method_config(name: str) -> Callable[[type[MethodConfig]], type[MethodConfig]]:
     """Class decorator: the config dataclass used when ``method.name == name``."""
 

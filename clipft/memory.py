@@ -30,7 +30,7 @@ from typing import Optional
 import open_clip
 import torch
 
-from clipft.config import PRECISION, RunConfig, TrainerConfig
+from clipft.config import RunConfig, TrainerConfig, lightning_precision
 
 GiB = 2**30
 _LADDER = ("ddp", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload")
@@ -88,12 +88,8 @@ def count_method(method: torch.nn.Module) -> Counts:
     )
 
 
-def _lightning(precision: str) -> str:
-    return PRECISION.get(precision, precision)
-
-
 def _sixteen_bit(precision: str) -> bool:
-    return _lightning(precision).startswith(("16", "bf16"))
+    return lightning_precision(precision).startswith(("16", "bf16"))
 
 
 def model_state_bytes(counts: Counts, trainer: TrainerConfig, devices: int) -> tuple[float, float]:
@@ -102,7 +98,7 @@ def model_state_bytes(counts: Counts, trainer: TrainerConfig, devices: int) -> t
     nodes, world = trainer.num_nodes, devices * trainer.num_nodes
     strategy, half = trainer.strategy, _sixteen_bit(trainer.precision)
     if not strategy.startswith("deepspeed"):
-        if _lightning(trainer.precision).endswith("-true") and half:
+        if lightning_precision(trainer.precision).endswith("-true") and half:
             return 2 * psi + 6 * trainable, 0.0
         return 4 * psi + 12 * trainable, 0.0
     weight, state = (2, 18) if half else (4, 12)  # bytes of a weight; of its gradients and optimizer states

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from clipft.config import PRECISION, ConfigError, RunConfig, to_dict, to_yaml
+from clipft.config import ConfigError, RunConfig, lightning_precision, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
 from clipft.eval.callbacks import BaseToNovelCallback, CompositionalCallback, GapCallback, RetrievalCallback, RunReport, ValidationFeatures, ZeroShotCallback
 from clipft.eval.compositional import GROUPS, SUBSETS, load_benchmark, write_synthetic_benchmark
@@ -51,11 +51,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 # a shard stream's length is exact: every rank and worker follows one plan (data/shards.py)
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-
-def lightning_precision(name: str) -> str:
-    """Lightning's name for an open_clip (or Lightning) precision name; validated in config."""
-    return PRECISION.get(name, name)
-
 
 def apply_threads(cfg: RunConfig) -> int:
     """torch intra-op threads for CPU work (``run.threads``; 0 = the cores this process may

@@ -16,7 +16,7 @@ import torch
 from clipft.cli import main
 from clipft.config import load_config
 from clipft.models import build_model, read_state_dict
-from clipft.runner import lightning_precision
+from clipft.config import lightning_precision
 from clipft.strategies import CPUDeepSpeedStrategy, build_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
