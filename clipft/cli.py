@@ -1,6 +1,7 @@
-"""``clipft``: fit | validate | info | export | data — recipes in, run folders out.
+"""``clipft``: fit | validate | info | export | data | recipes — recipes in, run folders out.
 
 Examples:
+  clipft fit quickstart                      (a shipped recipe by name; `clipft recipes` lists them)
   clipft fit recipes/quickstart.yaml
   clipft fit recipes/quickstart.yaml optim.lr=5e-4 trainer.max_steps=200
   clipft fit recipes/quickstart.yaml run.resume=last
@@ -9,6 +10,7 @@ Examples:
   clipft validate recipes/quickstart.yaml ckpt=runs/quickstart/<time>/checkpoints/best.ckpt
   clipft export runs/quickstart/<time> --out exported/quickstart
   clipft data write-shards data/train.csv shards/train --shard-size 1000
+  clipft recipes finetune --copy my_recipes  (a shipped recipe and its includes, to edit)
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 from typing import Optional, Sequence
 
 OVERRIDES_HELP = "config overrides as key=value (for example optim.lr=1e-4 data.batch_size=64)"
+RECIPE_HELP = ("recipe YAML file, or the name of a shipped recipe (quickstart, finetune, ...: `clipft recipes`); "
+               "a file wins over a name")
 TRUST_HELP = ("load a checkpoint that needs classes beyond clipft's allowlist, or a TorchScript archive, with "
               "weights_only=False: it can run code from the file (same as run.trust_checkpoint=true; docs/safety.md)")
 
@@ -40,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoints/{last,best}.ckpt, metrics.csv, report.json and curves.png. "
         "Resume an interrupted run with run.resume=last.",
     )
-    fit.add_argument("recipe", help="recipe YAML (see recipes/)")
+    fit.add_argument("recipe", help=RECIPE_HELP)
     fit.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     fit.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     fit.add_argument(
@@ -58,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         "(model.name + model.pretrained) when none is given. Writes report.json, report.md and gap.png "
         "in a new run folder: compare before and after training.",
     )
-    val.add_argument("recipe", help="recipe YAML")
+    val.add_argument("recipe", help=RECIPE_HELP)
     val.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     val.add_argument("--ckpt", help="a clipft checkpoint (.ckpt file or DeepSpeed folder) to evaluate (also as ckpt=PATH)")
     val.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
@@ -97,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="local-dir", choices=["local-dir", "state-dict", "safetensors"])
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
+    recipes = verbs.add_parser(
+        "recipes",
+        help="list the shipped recipes, or copy one to edit",
+        description="Without NAME: list the recipes that ship with clipft, each with its one-line description and "
+        "what it needs beyond the package (a data table, downloaded weights, the MiniLM text encoder). With NAME: "
+        "print that recipe, or with --copy DIR write it and every file it includes under DIR (its includes then "
+        "resolve inside DIR).",
+    )
+    recipes.add_argument("name", nargs="?", help="a shipped recipe's name")
+    recipes.add_argument("--copy", metavar="DIR", help="write the recipe and what it includes under DIR")
+    recipes.add_argument("--force", action="store_true", help="with --copy: overwrite files that exist")
+
     data = verbs.add_parser("data", help="data tools (write-shards)", description="Data tools.")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="TOOL", required=True)
     shards = data_verbs.add_parser(
@@ -124,6 +140,30 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--image-size", type=int, default=32, help="synthetic: image side in pixels")
     shards.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    import clipft.methods  # noqa: F401  (the recipes' method settings are registered before they are composed)
+    from clipft.config import ConfigError, find_recipe
+    from clipft.recipe_book import copy_recipe, render
+
+    try:
+        if args.name is None:
+            if args.copy:
+                raise ConfigError("--copy: name the recipe to copy (clipft recipes NAME --copy DIR)")
+            print(render())
+        elif args.copy:
+            for path in copy_recipe(args.name, args.copy, force=args.force):
+                print(f"wrote {path}")
+        else:
+            path = find_recipe(args.name)
+            if not path.is_file():
+                raise ConfigError(f"recipe '{args.name}' not found; `clipft recipes` lists the shipped ones")
+            print(f"# {path}\n{path.read_text()}", end="")
+    except ConfigError as err:
+        print(f"clipft: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -174,10 +214,10 @@ def _prepare_environment(recipe: str, overrides: list[str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.verb in ("export", "data"):
+    if args.verb in ("export", "data", "recipes"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return _export(args) if args.verb == "export" else _data(args)
+        return {"export": _export, "data": _data, "recipes": _recipes}[args.verb](args)
     if args.verb == "info" and args.methods:
         import clipft.methods  # noqa: F401  (every method registers itself)
         from clipft.methods.catalog import render

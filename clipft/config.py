@@ -428,9 +428,40 @@ def method_names() -> list[str]:
 INCLUDE_KEY = "include"
 
 
+def shipped_root() -> Path:
+    """The folder holding the recipes/ and configs/ that ship with clipft: inside the installed
+    package (a wheel maps the repository's top-level recipes/ and configs/ there, see
+    pyproject.toml), or the repository root in a source checkout (an editable install)."""
+    package = Path(__file__).resolve().parent
+    return package if (package / "recipes").is_dir() else package.parent
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """A recipe path as given when it exists (a path wins over a name); otherwise a shipped
+    recipe: a bare name (``quickstart`` or ``quickstart.yaml``) from the shipped recipes/, a
+    relative path (``recipes/quickstart.yaml``) from the shipped root."""
+    path = Path(os.path.expanduser(str(recipe)))
+    if path.is_file() or path.is_absolute():
+        return path
+    shipped = shipped_root()
+    named = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    candidates = [shipped / "recipes" / named] if len(path.parts) == 1 else [shipped / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    if len(path.parts) == 1 and path.suffix not in (".yaml", ".yml"):
+        names = sorted(p.stem for p in (shipped / "recipes").glob("*.yaml"))
+        close = difflib.get_close_matches(path.name, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"recipe '{recipe}' not found: no such file and no shipped recipe of that name; "
+                          f"{hint}`clipft recipes` lists the shipped ones")
+    return path
+
+
 def _resolve_include(entry: str, including_file: Path) -> Path:
     """An include is looked up next to the including file, then in its parent folders, then
-    in the working directory, so ``configs/model/tiny.yaml`` works from ``recipes/x.yaml``."""
+    in the working directory, then among the shipped configs, so ``configs/model/tiny.yaml``
+    works from ``recipes/x.yaml`` and from a recipe copied anywhere."""
     candidate = Path(os.path.expanduser(entry))
     if candidate.is_absolute():
         if candidate.is_file():
@@ -438,7 +469,7 @@ def _resolve_include(entry: str, including_file: Path) -> Path:
         searched = [candidate]
     else:
         searched = [d / candidate for d in [including_file.parent, *including_file.parent.parents]]
-        searched.append(Path.cwd() / candidate)
+        searched += [Path.cwd() / candidate, shipped_root() / candidate]
         for path in searched:
             if path.is_file():
                 return path
@@ -664,7 +695,7 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
     may be unset (``clipft info`` reads none)."""
     layers: list[tuple[str, DictConfig]] = []
     if recipe is not None:
-        layers.extend(_read_yaml(Path(recipe)))
+        layers.extend(_read_yaml(find_recipe(recipe)))
     # include=FILE on the command line: a building block merged after the recipe, before the
     # key=value overrides (e.g. include=configs/trainer/deepspeed_zero3.yaml)
     for item in [o for o in overrides or [] if o.startswith(f"{INCLUDE_KEY}=")]:
@@ -814,7 +845,7 @@ def peek(recipe: Optional[str | Path], overrides: list[str], key: str, default: 
     :func:`compose`."""
     value = default
     try:
-        layers = _read_yaml(Path(recipe)) if recipe is not None else []
+        layers = _read_yaml(find_recipe(recipe)) if recipe is not None else []
         layers.append(("overrides", _parse_overrides(overrides)))
     except ConfigError:
         return default
