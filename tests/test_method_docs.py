@@ -1,10 +1,12 @@
 """Every registered method has its page, docs/methods/<name>.md, that names every one of its
-``method.*`` settings (the keys ``clipft info --methods`` prints from the code's declarations),
-and the README's methods table links to that page: a new method, or a new setting, fails here
-until it is documented."""
+``method.*`` settings (the keys ``clipft info --methods`` prints from the code's declarations)
+and, where its settings table gives a default, the code's default; and the README's methods
+table links to that page: a new method, a new setting or a changed default fails here until it
+is documented."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -41,6 +43,11 @@ def test_method_page_names_every_setting(name: str) -> None:
     text = page.read_text()
     missing = [key for key in describe(name)["settings"] if not re.search(re.escape(key) + r"(?![\w])", text)]
     assert missing == [], f"docs/methods/{name}.md does not mention {missing}"
+    # a settings-table row `| `method.x` | `default` | ... |` states the code's default
+    for key, setting in describe(name)["settings"].items():
+        row = re.search(r"^\|\s*`" + re.escape(key) + r"`\s*\|\s*`([^`]*)`", text, flags=re.M)
+        if row:
+            assert json.loads(row.group(1)) == setting["default"], f"docs/methods/{name}.md: {key} defaults to {json.dumps(setting['default'])} in the code"
     # and names no setting that does not exist (a renamed or removed key); dotted sub-keys
     # such as method.loss_weights.m2mix name their setting's first part
     known = every_setting_key()
