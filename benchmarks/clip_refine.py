@@ -1,5 +1,5 @@
 """CLIP-Refine at small scale: does post-pre-training narrow the modality gap while zero-shot
-and retrieval hold, where plain contrastive fine-tuning loses zero-shot? (research notes §1.5)
+and retrieval hold, where plain contrastive fine-tuning loses zero-shot? (Yamaguchi et al., CVPR 2025; docs/methods/clip_refine.md)
 
     python benchmarks/clip_refine.py [--steps 300] [--lr 1e-6 1e-5] [--twemoji-lr 1e-5] [--twemoji ../shared/data/twemoji64]
 

@@ -1,7 +1,7 @@
 """NegCLIP and DeGLA at small scale: does training with rule-made negative captions beat plain
 fine-tuning on the compositional pairs — above all on spatial relations — without losing
 retrieval, and does DeGLA's self-distillation keep more zero-shot accuracy than NegCLIP?
-(issues 8 and 10; research notes §5: plain fine-tuning explains much of NegCLIP's gain)
+(issues 8 and 10; SugarCrepe, Hsieh et al. 2023, docs/methods/negclip.md: plain fine-tuning explains much of NegCLIP's gain)
 
     python benchmarks/negclip.py [--steps 300] [--lr 1e-4]
 

@@ -1,7 +1,7 @@
 """Lightning strategies from ``trainer.strategy``: the usual names, with DeepSpeed ZeRO also on CPU.
 
 Lightning's DeepSpeed strategy refuses a CPU accelerator, yet DeepSpeed itself runs ZeRO-2/3
-on CPU with gloo (research notes, environment.md §2). :class:`CPUDeepSpeedStrategy` removes
+on CPU with gloo (docs/scale.md, "DeepSpeed on a CPU"). :class:`CPUDeepSpeedStrategy` removes
 the three CUDA-only steps, so DeepSpeed runs are tested on a laptop / in CI with 1 or 2 processes.
 Both read a checkpoint on resume through :mod:`clipft.models.checkpoint_io`
 (:class:`SafeDeepSpeedStrategy`), never with DeepSpeed's ``weights_only=False``.

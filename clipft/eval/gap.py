@@ -1,7 +1,7 @@
 """Modality-gap, alignment and uniformity metrics on N paired image/text embeddings.
 
 All functions take L2-normalised features ``image [N, D]`` and ``text [N, D]`` where row i of
-each is a pair, and return plain floats. Formulas (../shared/research/methods.md §6.4-6.7):
+each is a pair, and return plain floats. Formulas (the papers named below; docs/evaluation.md):
 
 - centroid distance ‖Δ‖, Δ = mean_i v̂_i − mean_i t̂_i ("Mind the Gap", Liang et al. 2022);
 - centroid MSE ‖Δ‖²/D (the CLIP-Refine code's number; a different quantity, named apart);

@@ -92,7 +92,7 @@ def text_grounded_contrast(
     """DeGLA's TGC: the student's caption embedding against the EMA teacher's embedding of the
     same caption (the positive) and the student's embeddings of the caption's own K negatives,
     at a fixed scale of 10. The released code contrasts row i with other samples' negatives
-    (a type-major mask on a sample-major batch, research notes §3.5); this is the paper's
+    (a type-major mask on a sample-major batch, docs/methods/degla.md#paper-and-official-code); this is the paper's
     intent, each sample against its own."""
     return _own_candidates(text_features, teacher_text_features, negative_features, negative_valid, scale)
 

@@ -1,5 +1,5 @@
 """MMRL's loss (Guo & Gu, "MMRL: Multi-Modal Representation Learning for Vision-Language
-Models", CVPR 2025, Eq. 11-13; research notes §4.2):
+Models", CVPR 2025, Eq. 11-13; docs/methods/mmrl.md#equations):
 
     L = α·CE(s·f̂_c ĝᵀ, y) + (1−α)·CE(s·f̂_r ĝᵀ, y)
         + λ·(1 − mean_i cos(f_c,i, f^ZS_i)) + λ·(1 − mean_k cos(g_k, g^ZS_k)),

@@ -11,7 +11,7 @@ names the terms ``contrastive``, ``rafa`` and ``hycd``); see ``clipft/losses/ref
 RaFA and HyCD. Optimizer of the official recipe: AdamW, constant lr 1e-6, weight decay 0.1,
 one epoch (``recipes/clip_refine.yaml``).
 
-Two readings of the losses exist (research notes §1.2 and §1.6), both available:
+Two readings of the losses exist (docs/methods/clip_refine.md#paper-and-official-code-two-readings), both available:
 
 * ``features: raw`` — the official code: RaFA and HyCD on the un-normalised projected
   features, Gaussian references N(0, I), HyCD on raw dot products without the logit scale
@@ -19,7 +19,7 @@ Two readings of the losses exist (research notes §1.2 and §1.6), both availabl
 * ``features: normalized`` — unit features, references normalised onto the sphere
   (``rafa_prior: sphere``), HyCD on the logit-scaled cosine similarities.
 
-Which one is the default, and why, is in docs/methods.md (measured by ``benchmarks/clip_refine.py``).
+Which one is the default, and why, is in docs/methods/clip_refine.md (measured by ``benchmarks/clip_refine.py``).
 
 The teacher is never in the optimizer or the checkpoint's state dict: it is rebuilt from
 ``model.pretrained`` when a run resumes, and stored once beside the state dict
@@ -53,7 +53,7 @@ FINGERPRINT_KEY = "clip_refine_teacher_sha256"
 class ClipRefineConfig(MethodConfig):
     name: str = "clip_refine"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 0.0, "rafa": 1.0, "hycd": 1.0})
-    # What RaFA and HyCD see: normalized (the default, README: CLIP-Refine) or raw (the
+    # What RaFA and HyCD see: normalized (the default, docs/methods/clip_refine.md) or raw (the
     # official code). The three options below default (null) to the chosen reading's values:
     # normalized -> sphere, paper, true; raw -> gaussian, code, false.
     features: str = "normalized"

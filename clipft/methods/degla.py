@@ -16,8 +16,8 @@ adjectives, replaced nouns — or read from a file of precomputed (e.g. LLM-writ
 (``data.negatives.column``).
 
 Two departures from the released code, both to the paper's intent: TGC contrasts each sample
-with its own negatives (the code's mask picks other samples', research notes §3.5), and the
-released training script crashes on unknown loss arguments (§3.5.2), so nothing of it is
+with its own negatives (the code's mask picks other samples', docs/methods/degla.md#paper-and-official-code), and the
+released training script crashes on unknown loss arguments (same section), so nothing of it is
 followed beyond the loss.
 """
 

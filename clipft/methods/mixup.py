@@ -12,7 +12,7 @@ same on every device and after a resume. Temperatures as the official code: a fi
 for the CLIP and uni-/joint-modal terms (``method.temperature``; null: the model's learned
 logit scale) and τ₂ = 0.07 for the m²-mix negatives. m²-mix = CLIP + m²; m³-mix = all four
 (``recipes/m2mix.yaml``, ``recipes/m3mix.yaml``). The training code's loss is followed where
-the official README's differs (research notes §2.5).
+the official README's differs (docs/methods/mixup.md#paper-and-official-code).
 """
 
 from __future__ import annotations

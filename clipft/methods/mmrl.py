@@ -1,6 +1,6 @@
 """MMRL and MMRL++: shared representation tokens for few-shot adaptation.
 
-MMRL (Guo & Gu, CVPR 2025; arXiv 2503.08497), research notes §4: the backbone is frozen. A
+MMRL (Guo & Gu, CVPR 2025; arXiv 2503.08497), docs/methods/mmrl.md: the backbone is frozen. A
 shared, modality-agnostic space R (K × d_r, N(0, 0.02²)) is mapped by per-layer linear maps
 into each tower's width; the K tokens are inserted before block ``first_layer`` (block 6 of
 12, as a fraction of depth otherwise) and replaced at the input of every later block
@@ -9,11 +9,11 @@ frozen projection P (f_c) and the mean of the representation tokens, after the f
 norm, through a trainable projection P_r (f_r). Text prompts of the classes get the tokens
 too (g). Loss: clipft/losses/representation.py (α = 0.7, λ = ``reg_weight``).
 
-Decoupled inference (§4.3): classes trained on are scored with α·f̂_c ĝᵀ + (1−α)·f̂_r ĝᵀ,
+Decoupled inference (docs/methods/mmrl.md#equations): classes trained on are scored with α·f̂_c ĝᵀ + (1−α)·f̂_r ĝᵀ,
 other classes with f̂_c ĝᵀ only (``classify``). ``encode_image`` / ``encode_text`` — what
 retrieval, zero-shot evaluation and an exported model use — are the class-token branch.
 
-MMRL++ (``plus: true``; arXiv 2505.10088, §4.5): the per-layer maps share one weight W and add
+MMRL++ (``plus: true``; arXiv 2505.10088, docs/methods/mmrl.md#equations): the per-layer maps share one weight W and add
 rank-``residual_rank`` residuals with their own biases (F_l(x) = x(W + A_l B_l)ᵀ + b_l, B_l = 0
 at the start); P_r = P + A B with rank ``projection_rank`` (B = 0: P_r starts as P); and each
 layer after the first composes its tokens as β·F_l(R) + (1−β)·(previous block's output).
@@ -58,7 +58,7 @@ class MMRLConfig(MethodConfig):
     # (block 6 of 12, 1-based, as the paper)
     first_layer: Optional[int] = None
     alpha: float = 0.7  # class-token share of the loss and of the fused logits
-    reg_weight: float = 1.0  # λ (the paper's per-data-set values: README)
+    reg_weight: float = 1.0  # λ (the paper's per-data-set values: docs/methods/mmrl.md)
     plus: bool = False  # MMRL++
     residual_rank: int = 4  # MMRL++: rank of each layer's residual on the shared map
     projection_rank: int = 64  # MMRL++: rank of P_r − P

@@ -3,8 +3,8 @@
 LoRA replaces a frozen linear map W by W + (α/r)·B·A with trainable A (r × d_in, random) and
 B (d_out × r, zeros), so an adapted model starts as the base model.
 
-open_clip's attention is ``torch.nn.MultiheadAttention``, which peft adapts badly (research
-notes, ecosystem.md §C2): the in-projection packs q, k and v into one parameter, ``out_proj``
+open_clip's attention is ``torch.nn.MultiheadAttention``, which peft adapts badly (docs/models.md,
+LoRA adapters): the in-projection packs q, k and v into one parameter, ``out_proj``
 is never called as a module (an adapter on it alone trains nothing) and the pinned peft applies
 the out_proj delta twice. clipft therefore first rewrites each self-attention module as
 :class:`SplitAttention`: four ``nn.Linear`` layers ``q_proj``, ``k_proj``, ``v_proj`` and

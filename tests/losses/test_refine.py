@@ -30,7 +30,7 @@ def test_rafa_code_reduction_is_summed_elementwise_means() -> None:
     text_mse = sum((float(t[i, d]) - float(r[i, d])) ** 2 for i in range(4) for d in range(6)) / 24
     code = rafa(v, t, r, "code").item()
     assert code == pytest.approx(image_mse + text_mse, rel=1e-9)
-    # The two readings differ by exactly 2/D (research notes §1.2).
+    # The two readings differ by exactly 2/D (docs/methods/clip_refine.md#equations).
     assert code == pytest.approx(rafa(v, t, r, "paper").item() * 2 / 6, rel=1e-9)
 
 

@@ -116,7 +116,7 @@ def _gap_and_shape(metrics: dict[str, float]) -> tuple[float, float]:
 
 
 def test_short_runs_of_the_two_readings_from_the_shipped_start(tmp_path: Path) -> None:
-    """What benchmarks/clip_refine.py measures at length, in 30 steps (README: CLIP-Refine):
+    """What benchmarks/clip_refine.py measures at length, in 30 steps (docs/methods/clip_refine.md):
     the official code's RaFA on raw features (here alone, lr 1e-4) blows the modality gap up
     and wrecks zero-shot; the normalised default (lr 1e-5, as in the benchmark) leaves both
     nearly where they were. (At lr 1e-4 for 30 steps its zero-shot accuracy moves with the

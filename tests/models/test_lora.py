@@ -125,7 +125,7 @@ def test_merged_adapters_equal_the_adapted_model() -> None:
 
 def test_out_projection_adapter_trains_and_is_applied_once() -> None:
     """peft's own MultiheadAttention support trains nothing with out_proj alone and applies its
-    delta twice (research notes §C2); on the split attention it is an ordinary Linear."""
+    delta twice (docs/models.md, LoRA adapters); on the split attention it is an ordinary Linear."""
     adapted = _bundle("model.lora.rank=2", "model.lora.alpha=2", "model.lora.targets=[out]", "model.lora.towers=image")
     _perturb_adapters(adapted.model)
     images, texts = _inputs(adapted)
