@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from clipft.config import ConfigError, RunConfig, lightning_precision, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
@@ -239,29 +239,80 @@ class LoggerStepIsGlobalStep(L.Callback):
 
 
 class StepTimes(L.Callback):
-    """The median time of a training batch, from the end of one to the end of the next (data
-    loading included; the first from its start), and the peak GPU memory allocated while
-    training, in the report. train_time_s also holds the first steps' warm-up and the setup;
-    a throughput or a memory check reads these."""
+    """Where a run's time goes, for report.json's ``timing`` section: the wall time between
+    consecutive optimizer steps (data wait included; the first step — warm-up, compilation —
+    and evaluation left out), the share of it spent waiting for a batch, samples per second,
+    the evaluation time, and the peak GPU memory. No device sync: on a GPU the host runs ahead
+    by a bounded queue, so the intervals' median is the steady-state step time. The progress
+    bar reads :attr:`samples_per_s` (:class:`ThroughputBar`)."""
 
     def __init__(self, report: RunReport) -> None:
         self.report = report
-        self.last: Optional[float] = None
-        self.times: list[float] = []
+        self.last: Optional[float] = None  # end of the previous optimizer step (or of an evaluation)
+        self.batch_end: Optional[float] = None
+        self.step_at_last: Optional[int] = None  # the global step at the last optimizer step
+        self.times: list[float] = []  # seconds per optimizer step
+        self.waits: list[float] = []  # seconds waiting for batches, per optimizer step
+        self.wait = 0.0
+        self.samples = 0  # samples per optimizer step, all processes
+        self.first_step_s: Optional[float] = None
+        self.eval_s = 0.0
+        self.eval_start: Optional[float] = None
 
-    def _now(self, trainer: L.Trainer) -> float:
-        # no device sync: on a GPU the host runs ahead by a bounded queue, so the intervals'
-        # median is the step time in steady state without stalling every step
-        return time.perf_counter()
+    @property
+    def samples_per_s(self) -> Optional[float]:
+        recent = self.times[-20:]
+        return self.samples * len(recent) / sum(recent) if recent and sum(recent) > 0 else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step_at_last = trainer.global_step  # a resumed run starts at its checkpoint's step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
         if self.last is None:
-            self.last = self._now(trainer)
+            self.last = now
+        elif self.batch_end is not None:
+            self.wait += now - self.batch_end  # fetching the batch happens between the hooks
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        now = self._now(trainer)
-        self.times.append(now - (self.last or now))
-        self.last = now
+        now = time.perf_counter()
+        self.batch_end = now
+        if trainer.global_step == self.step_at_last:  # gradient accumulation: not an optimizer step yet
+            return
+        interval = now - (now if self.last is None else self.last)
+        if self.first_step_s is None:
+            self.first_step_s = interval
+        else:
+            self.times.append(interval)
+            self.waits.append(self.wait)
+        self.samples = len(batch.images) * trainer.world_size * trainer.accumulate_grad_batches
+        self.step_at_last, self.last, self.wait = trainer.global_step, now, 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.eval_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        now = time.perf_counter()
+        self.eval_s += now - (now if self.eval_start is None else self.eval_start)
+        if self.last is not None:  # the next step is timed from here: evaluation is not a step
+            self.last = self.batch_end = now
+
+    def timing(self, train_s: float, steps: int, device: torch.device) -> dict[str, Any]:
+        timing: dict[str, Any] = {"train_s": round(train_s, 2), "steps": steps, "eval_s": round(self.eval_s, 2)}
+        if self.first_step_s is not None:
+            timing["first_step_s"] = round(self.first_step_s, 4)
+        if self.times:
+            ordered = sorted(self.times)
+            median = statistics.median(ordered)
+            timing |= {
+                "step_s_median": round(median, 4),
+                "step_s_p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 4),
+                "samples_per_s": round(self.samples / median, 1) if median > 0 else None,
+                "data_wait_fraction": round(sum(self.waits) / sum(self.times), 4) if sum(self.times) > 0 else None,
+            }
+        if device.type == "cuda":
+            timing["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        return timing
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.times:
@@ -270,6 +321,20 @@ class StepTimes(L.Callback):
         if device.type == "cuda":
             self.report.extra["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
 
+
+class ThroughputBar(TQDMProgressBar):
+    """Lightning's progress bar with the training throughput (samples/s over the last steps)."""
+
+    def __init__(self, times: StepTimes) -> None:
+        super().__init__()
+        self.times = times
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        rate = self.times.samples_per_s
+        if rate is not None and trainer.training:
+            metrics["samples/s"] = f"{rate:.0f}"
+        return metrics
 
 
 def build_callbacks(
@@ -383,7 +448,10 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
         ]
     callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint()]
     if stage == "fit":
-        callbacks.append(StepTimes(report))
+        times = StepTimes(report)
+        callbacks.append(times)
+        if cfg.trainer.enable_progress_bar:
+            callbacks.append(ThroughputBar(times))
     t = cfg.trainer
     optional = {
         k: v
@@ -505,6 +573,8 @@ def _fit(run: Run) -> dict[str, Any]:
         run.report.extra["data"]["train_skipped_samples"] = int(skipped.item())
     if trainer.global_step > step_at_start and train_time > 0:
         run.report.extra["steps_per_s"] = round((trainer.global_step - step_at_start) / train_time, 2)
+    times = next(c for c in trainer.callbacks if isinstance(c, StepTimes))
+    run.report.extra["timing"] = times.timing(train_time, trainer.global_step - step_at_start, trainer.strategy.root_device)
     run.report.write(trainer)
     if cfg.run.plot and trainer.is_global_zero:
         plot_training_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", title=f"{cfg.run.name}")
