@@ -38,6 +38,7 @@ from clipft.methods.guard import DivergenceGuard
 from clipft.strategies import build_strategy
 from clipft.models import ModelBundle, build_model, count_parameters, labelled, load_pretrained_file, read_training_state
 from clipft.models.checkpoint_io import trusting
+from clipft.models.factory import compile_towers
 
 log = logging.getLogger("clipft")
 RUN_DIR_ENV = "CLIPFT_RUN_DIR"
@@ -409,6 +410,8 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
     method = build_method(cfg, bundle)
     if stage == "fit":
         check_monitor(cfg, method)
+        if cfg.trainer.compile:  # after the method took its frozen copies / EMA of the eager model
+            log.info("trainer.compile: compiling %s", ", ".join(compile_towers(method.model)))
 
     with labelled("run.resume"):
         resume_state = read_training_state(resume_ckpt) if resume_ckpt is not None and resume_ckpt.suffix != ".safetensors" else {}

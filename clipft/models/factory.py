@@ -180,6 +180,16 @@ class _TrainKeepingEval:
         return nn.Module.train(self.module, False)
 
 
+def compile_towers(model: nn.Module) -> list[str]:
+    """``torch.compile`` the towers of an open_clip model in place (``nn.Module.compile``: the
+    module and its state dict keys stay as they are, so checkpoints and export are unchanged).
+    Returns the names of the compiled submodules."""
+    names = [n for n in ("visual", "transformer", "text") if isinstance(getattr(model, n, None), nn.Module)]
+    for name in names:
+        getattr(model, name).compile()
+    return names
+
+
 def keep_in_eval(module: nn.Module) -> None:
     """Keep a frozen module in eval mode (dropout off) whatever ``train()`` is called on: its
     own ``train`` is replaced, so a parent's recursive ``train()`` cannot switch it back."""
