@@ -310,6 +310,43 @@ def test_vit_b32_sized_model_maps_exactly(tmp_path: Path) -> None:
     _assert_same_network(hf.eval(), model, 224, open_clip.get_tokenizer("ViT-B-32"), 1, CAPTIONS[2:4])
 
 
+def _checkpoint(path: Path, *overrides: str) -> tuple[Path, torch.nn.Module]:
+    """A clipft checkpoint as a run writes it (the method's ``model.*`` weights and the run
+    config), here of the shipped pre-trained tiny model, without a run's minutes."""
+    from clipft.config import to_dict
+
+    cfg = load_config(None, ["model.pretrained=synthetic", *overrides])
+    model = build_model(cfg.model).model.eval()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"config": to_dict(cfg)}, "global_step": 0}, path)
+    return path, model
+
+
+def test_cli_export_writes_what_transformers_loads_and_refuses_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    ckpt, model = _checkpoint(tmp_path / "tiny.ckpt")
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hf"), "--format", "transformers"]) == 0
+    assert "CLIPModel.from_pretrained" in (tmp_path / "hf" / "README.md").read_text()
+    hf = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    _assert_same_network(hf, model, 32, open_clip.get_tokenizer("clipft-tiny-vit"))
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "vision"), "--format", "transformers-vision"]) == 0
+    assert {p.name for p in (tmp_path / "vision").iterdir()} == {"config.json", "model.safetensors",
+                                                                 "preprocessor_config.json", "README.md"}
+
+    capsys.readouterr()
+    biased, _ = _checkpoint(tmp_path / "biased.ckpt", "model.logit_bias=-10", "model.logit_scale=10")
+    assert main(["export", str(biased), "--out", str(tmp_path / "no"), "--format", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert "logit bias" in err and "SiglipModel" in err and err.count("\n") == 1
+    from clipft.methods import METHODS  # a method with parameters of its own (MMRL's tokens)
+
+    monkeypatch.setattr(METHODS["finetune"], "export_writer", staticmethod(lambda folder, checkpoint: None))
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "no"), "--format", "transformers-text"]) == 2
+    err = capsys.readouterr().err
+    assert "adds parameters of its own" in err and "--format local-dir" in err and err.count("\n") == 1
+    assert not (tmp_path / "no").exists()
+
+
 def _in_memory_model(run: Path) -> torch.nn.Module:
     """The trained model as the run left it (adapters unmerged, attention split)."""
     from clipft.config import from_dict
@@ -342,8 +379,7 @@ torch.save(out, sys.argv[4])
 
 
 @pytest.mark.slow
-def test_cli_exports_a_lora_run_that_transformers_loads_offline(tmp_path: Path, fast_overrides: list[str],
-                                                                 capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+def test_cli_exports_a_lora_run_that_transformers_loads_offline(tmp_path: Path, fast_overrides: list[str]) -> None:
     """A trained LoRA run through `clipft export --format transformers --merge-lora` (and
     WiSE-FT), loaded by transformers in a process without clipft, the hub or its cache."""
     run = _fit(fast_overrides, "model.pretrained=synthetic", "model.lora.rank=4", "optim.lr=1e-2",
@@ -374,15 +410,6 @@ def test_cli_exports_a_lora_run_that_transformers_loads_offline(tmp_path: Path, 
         text = CLIPTextModelWithProjection.from_pretrained(folder).eval()
         with torch.no_grad():
             _close(text(input_ids=ids).text_embeds, reference.encode_text(ids))
-
-    from clipft.methods import METHODS  # a method with parameters of its own (MMRL's tokens) is refused
-
-    monkeypatch.setattr(METHODS["finetune"], "export_writer", staticmethod(lambda folder, checkpoint: None))
-    capsys.readouterr()
-    assert main(["export", str(run), "--out", str(tmp_path / "no"), "--format", "transformers", "--merge-lora"]) == 2
-    err = capsys.readouterr().err
-    assert "adds parameters of its own" in err and "--format local-dir" in err and err.count("\n") == 1
-    assert not (tmp_path / "no").exists()
 
 
 def test_transformers_is_declared_at_the_installed_version() -> None:
