@@ -38,7 +38,9 @@ import torch
 TRANSFORMERS_FORMATS = ("transformers", "transformers-text", "transformers-vision")
 SOT_ID, EOT_ID = 49406, 49407  # open_clip's <start_of_text> / <end_of_text>
 SOT_TOKEN, EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"  # their names in transformers' CLIP vocabulary
-PAD_TOKEN = EOT_TOKEN  # transformers' CLIP convention; "!" (id 0, open_clip's pad) would become a special token and split "!!"
+# transformers' CLIP pads with <|endoftext|>; "!" (id 0, open_clip's pad) would become a special
+# token and split "!!" in captions. Positions up to the end-of-text token are unaffected.
+PAD_TOKEN = EOT_TOKEN
 ARCHITECTURES = {"transformers": "CLIPModel", "transformers-text": "CLIPTextModelWithProjection",
                  "transformers-vision": "CLIPVisionModelWithProjection"}
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values
@@ -173,7 +175,7 @@ def transformers_config(model_cfg: dict[str, Any], logit_scale: float = 2.6592) 
         vocab_size=int(text["vocab_size"]), hidden_size=width_t, intermediate_size=int(width_t * text["mlp_ratio"]),
         num_hidden_layers=int(text["layers"]), num_attention_heads=int(text["heads"]),
         max_position_embeddings=int(text["context_length"]), hidden_act=act, layer_norm_eps=_eps(text),
-        projection_dim=embed_dim, bos_token_id=SOT_ID, eos_token_id=EOT_ID, pad_token_id=0,
+        projection_dim=embed_dim, bos_token_id=SOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID,  # the tokenizer's pad
     )
     vision_config = dict(
         hidden_size=width_v, intermediate_size=int(width_v * vision["mlp_ratio"]), num_hidden_layers=int(vision["layers"]),
@@ -375,8 +377,12 @@ def write_transformers(folder: Path, model_cfg: dict[str, Any], preprocess: dict
     ``transformers-vision`` → ``CLIPVisionModelWithProjection`` + image processor."""
     from safetensors.torch import save_file
 
-    check_transformers(model_cfg, preprocess, state, fmt)
+    if fmt not in TRANSFORMERS_FORMATS:
+        raise NotMappable(f"--format {fmt}: choose one of {', '.join(TRANSFORMERS_FORMATS)}")
     config, hf_state = to_transformers(model_cfg, state)
+    # both made (and refused) before anything is written
+    tokenizer = clip_tokenizer(config.text_config.max_position_embeddings) if fmt != "transformers-vision" else None
+    images = image_processor(preprocess) if fmt != "transformers-text" else None
     if fmt == "transformers":
         tower_config = config
     else:
@@ -387,8 +393,6 @@ def write_transformers(folder: Path, model_cfg: dict[str, Any], preprocess: dict
     tower_config.architectures = [ARCHITECTURES[fmt]]
     tower_config.save_pretrained(str(folder))
     save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer = clip_tokenizer(config.text_config.max_position_embeddings) if fmt != "transformers-vision" else None
-    images = image_processor(preprocess) if fmt != "transformers-text" else None
     if tokenizer is not None and images is not None:
         from transformers import CLIPProcessor
 
@@ -402,5 +406,5 @@ def write_transformers(folder: Path, model_cfg: dict[str, Any], preprocess: dict
         _write_vocab_files(folder)
 
 
-__all__ = ["NotMappable", "TRANSFORMERS_FORMATS", "bpe_vocabulary", "check_mappable", "check_transformers", "clip_tokenizer", "image_processor",
-           "to_open_clip", "to_transformers", "transformers_config", "write_transformers"]
+__all__ = ["NotMappable", "TRANSFORMERS_FORMATS", "bpe_vocabulary", "check_mappable", "check_transformers",
+           "clip_tokenizer", "image_processor", "to_open_clip", "to_transformers", "transformers_config", "write_transformers"]
