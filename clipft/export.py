@@ -29,6 +29,7 @@ import open_clip
 import torch
 
 from clipft.config import LoraSettings, RunConfig, from_dict
+from clipft.data.sources import source
 from clipft.methods import METHODS, method_class
 from clipft.models import ModelError, build_model, read_state_dict, read_training_state
 from clipft.models.factory import _quiet_root_logger
@@ -127,7 +128,7 @@ def _write_text_tower(out: Path, final: Path, model_cfg: dict[str, Any], name: s
 def _model_card(out: Path, cfg: RunConfig, checkpoint: Path, alpha: Optional[float], ema: bool, merged: bool) -> None:
     report_file = checkpoint.parent.parent / "report.json" if checkpoint.parent.name == "checkpoints" else None
     report = json.loads(report_file.read_text()) if report_file and report_file.is_file() else {}
-    data = cfg.data.train if cfg.data.source == "csv" else f"synthetic (seed {cfg.data.synthetic.seed})"
+    data = source(cfg.data.source).describe(cfg.data)
     lines = [
         f"# {cfg.run.name}: {cfg.model.name} adapted with clipft ({cfg.method.name})", "",
         f"- base model: `{cfg.model.name}`, pretrained `{cfg.model.pretrained}`",
