@@ -386,13 +386,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.monitor_mode": ("min", "max"),
     "run.omp_wait_policy": ("PASSIVE", "ACTIVE"),
     "run.on_nonfinite": ("stop", "skip"),
-    "data.source": ("synthetic", "csv", "folder", "webdataset"),
     "data.classes.task": ("shape", "colour", "object"),
     "data.classes.train_classes": ("base", "all"),
     "data.on_bad_sample": (None, "error", "skip"),
     "data.train_transform": ("train", "val", "scale_shift"),
     "optim.schedule": ("cosine", "constant"),
-    "eval.zeroshot.source": ("synthetic", "csv", "folder"),
     "eval.zeroshot.template_set": (None, "single", "openai_imagenet", "simple_imagenet"),
     "eval.compositional.source": (None, "synthetic", "folder"),
     "eval.zeroshot.task": ("shape", "colour", "object"),
@@ -424,6 +422,35 @@ def register_method_config(name: str) -> Callable[[type[MethodConfig]], type[Met
 
 def method_names() -> list[str]:
     return sorted(_METHOD_CONFIGS)
+
+
+# --------------------------------------------------------------------------- data-source registry
+
+# name -> clipft.data.sources.DataSource. The sources register here when clipft.data is imported
+# (as the methods register their settings above), so that a recipe's data.source, and what that
+# source needs from the recipe, are checked here without importing clipft.data (which imports config).
+_DATA_SOURCES: dict[str, Any] = {}
+
+
+def register_data_source(name: str, source: Any) -> None:
+    """Called by :func:`clipft.data.sources.register_source`."""
+    _DATA_SOURCES[name] = source
+
+
+def data_source_names(labelled: bool = False) -> list[str]:
+    """The registered sources, in registration order; ``labelled``: those that can give
+    class-labelled images (data.classes, eval.zeroshot)."""
+    return [name for name, source in _DATA_SOURCES.items() if source.labelled or not labelled]
+
+
+def data_source(name: str, key: str = "data.source", labelled: bool = False) -> Any:
+    """The source registered as ``name``; a ConfigError naming ``key`` and the allowed names otherwise."""
+    if not _DATA_SOURCES:
+        raise ConfigError(f"{key}: no data sources registered: import clipft.data first, as the CLI does")
+    allowed = data_source_names(labelled)
+    if name not in allowed:
+        raise not_one_of(key, name, allowed)
+    return _DATA_SOURCES[name]
 
 
 # --------------------------------------------------------------------------- loading
@@ -730,10 +757,15 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
     except OmegaConfBaseException as err:
         raise ConfigError(f"could not resolve interpolation: {err}") from err
     _check_choices(cfg)
+    source = data_source(cfg.data.source)
+    for i, task in enumerate(cfg.eval.zeroshot):
+        data_source(task.source, f"eval.zeroshot[{i}].source", labelled=True)
     _check_values(cfg)
     classes = cfg.data.classes
-    if classes.enabled and cfg.data.source == "webdataset":
-        raise ConfigError("data.classes: class-labelled data comes from synthetic, csv or folder sources, not webdataset")
+    if classes.enabled and not source.labelled:
+        *others, last = data_source_names(labelled=True)
+        raise ConfigError(f"data.classes: class-labelled data comes from {', '.join(others)} or {last} sources, "
+                          f"not {cfg.data.source}")
     if classes.templates and classes.template_set:
         raise ConfigError("data.classes: give templates or template_set, not both")
     if classes.shots is not None and classes.shots < 1:
@@ -748,43 +780,23 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
 
 def _check_data_given(cfg: DictConfig) -> None:
     """The data a run reads is named (tables, folders, shards)."""
-    if cfg.data.source in ("csv", "folder") and not cfg.data.train:
-        what = "a table of image paths and captions" if cfg.data.source == "csv" else "an image folder"
-        raise ConfigError(f"data.train: {what} is required when data.source={cfg.data.source}")
-    if cfg.data.source == "webdataset":
-        _check_webdataset(cfg.data)
+    source = data_source(cfg.data.source)
+    source.check(cfg.data)
     for i, task in enumerate(cfg.eval.zeroshot):
-        if task.source in ("csv", "folder") and not task.data:
+        if data_source(task.source).file_backed and not task.data:
             raise ConfigError(f"eval.zeroshot[{i}].data: a table or image folder is required for source={task.source}")
     if cfg.eval.compositional.source == "folder" and not cfg.eval.compositional.path:
         raise ConfigError("eval.compositional.path: the folder of <subset>.json files is required for source=folder")
-    if cfg.data.source in ("csv", "folder", "webdataset") and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):
+    if source.file_backed and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):
         raise ConfigError(
             "eval.zeroshot / eval.compositional run in the validation loop, which needs validation pairs: "
             "set data.val (a table like data.train)"
         )
-    if cfg.run.monitor.startswith("val/") and cfg.data.source in ("csv", "folder", "webdataset") and not cfg.data.val:
+    if cfg.run.monitor.startswith("val/") and source.file_backed and not cfg.data.val:
         raise ConfigError(
             f"run.monitor={cfg.run.monitor} needs validation data: set data.val (a table like data.train), "
             "or monitor a train/ metric"
         )
-
-
-def _check_webdataset(data: DictConfig) -> None:
-    wds = data.webdataset
-    if not data.train:
-        raise ConfigError("data.train: shards are required when data.source=webdataset (e.g. 'data/shard-{000000..000099}.tar')")
-    sources = len(str(data.train).split("::"))
-    if wds.weights is not None and not wds.resampled:
-        raise ConfigError("data.webdataset.weights: source weights need data.webdataset.resampled=true")
-    if wds.weights is not None and len(wds.weights) != sources:
-        raise ConfigError(f"data.webdataset.weights: {len(wds.weights)} weights for {sources} '::'-separated sources in data.train")
-    if wds.epoch_samples is None and any("://" in s or s.startswith("pipe:") for s in str(data.train).split("::")):
-        raise ConfigError("data.webdataset.epoch_samples: required for remote shards (their sizes.json is not read)")
-    if data.hard_images > 0:
-        raise ConfigError("data.hard_images: needs random access to the training images; use a table (data.source=csv)")
-    if data.negatives.count > 0 and data.negatives.column:
-        raise ConfigError("data.negatives.column: shards carry no negatives column; leave it null (rule-made negatives)")
 
 
 def load_config(recipe: Optional[str | Path], overrides: Optional[list[str]] = None, check_data: bool = True) -> RunConfig:

@@ -33,6 +33,7 @@ import open_clip
 import torch
 
 from clipft.config import LoraSettings, RunConfig, from_dict
+from clipft.data.sources import source
 from clipft.export_transformers import TRANSFORMERS_FORMATS, NotMappable, check_transformers, write_transformers
 from clipft.methods import METHODS, method_class
 from clipft.models import ModelError, build_model, read_state_dict, read_training_state
@@ -143,7 +144,7 @@ def _model_card(out: Path, cfg: RunConfig, checkpoint: Path, alpha: Optional[flo
                 fmt: str = "local-dir") -> None:
     report_file = checkpoint.parent.parent / "report.json" if checkpoint.parent.name == "checkpoints" else None
     report = json.loads(report_file.read_text()) if report_file and report_file.is_file() else {}
-    data = cfg.data.train if cfg.data.source == "csv" else f"synthetic (seed {cfg.data.synthetic.seed})"
+    data = source(cfg.data.source).describe(cfg.data)
     lines = [
         f"# {cfg.run.name}: {cfg.model.name} adapted with clipft ({cfg.method.name})", "",
         f"- base model: `{cfg.model.name}`, pretrained `{cfg.model.pretrained}`",

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 
 from clipft.config import ConfigError, RunConfig, lightning_precision, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
+from clipft.data.sources import source
 from clipft.eval.callbacks import BaseToNovelCallback, CompositionalCallback, GapCallback, RetrievalCallback, RunReport, ValidationFeatures, ZeroShotCallback
 from clipft.eval.compositional import GROUPS, SUBSETS, load_benchmark, write_synthetic_benchmark
 from clipft.eval.gap import GAP_METRICS
@@ -204,7 +205,7 @@ def check_monitor(cfg: RunConfig, method: ContrastiveMethod) -> None:
         names |= {f"val/gap/{m}" for m in GAP_METRICS}
     if cfg.eval.compositional.source is not None:
         names |= {f"val/compositional/{m}" for m in (*SUBSETS, *GROUPS)}
-    if cfg.eval.base_to_novel and (cfg.data.classes.enabled or cfg.data.source == "folder"):
+    if cfg.eval.base_to_novel and source(cfg.data.source).has_classes(cfg.data):
         names |= {f"val/base_to_novel/{m}" for m in ("base", "novel", "hm")}
     if cfg.run.monitor not in names:
         close = difflib.get_close_matches(cfg.run.monitor, sorted(names), n=3, cutoff=0.5)

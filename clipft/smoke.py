@@ -25,6 +25,7 @@ import open_clip
 
 import clipft.models  # noqa: F401  (registers clipft's shipped model configs with open_clip)
 from clipft.config import PRECISION, ConfigError, RunConfig, load_config, to_dict
+from clipft.data.sources import source
 
 STEPS = 2
 BATCH = 4
@@ -62,12 +63,12 @@ def smoke_overrides(cfg: RunConfig, keep: Collection[str] = ()) -> list[str]:
     steps = cfg.trainer.max_steps if _given("trainer.max_steps", keep) else STEPS
     accelerator = cfg.trainer.accelerator if _given("trainer.accelerator", keep) else "cpu"
     size = cfg.data.synthetic.image_size if _given("data.synthetic.image_size", keep) else image_size(cfg.model.name)
-    classes = cfg.data.classes.enabled or cfg.data.source == "folder"
+    classes = source(cfg.data.source).has_classes(cfg.data)
     precision = cfg.trainer.precision
     if accelerator == "cpu":
         precision = CPU_PRECISION.get(PRECISION.get(precision, precision), precision)
     zeroshot = [dict(to_dict(cfg)["eval"]["zeroshot"][i], size=VAL_SIZE)
-                for i, task in enumerate(cfg.eval.zeroshot) if task.source == "synthetic"]
+                for i, task in enumerate(cfg.eval.zeroshot) if not source(task.source).file_backed]
     compositional = cfg.eval.compositional.source == "synthetic"
     monitor = cfg.run.monitor
     dropped_task = monitor.startswith("val/zeroshot/") and not any(monitor.startswith(f"val/zeroshot/{t['name']}/") for t in zeroshot)

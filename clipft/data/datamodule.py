@@ -17,60 +17,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipft.config import DataConfig, NegativesConfig
-from clipft.data import synthetic
 from clipft.data.batch import Batch
-from clipft.data.classes import ClassFetch, ClassSet, Labelled, few_shot_indices, read_class_names, template_list
+from clipft.data.classes import ClassFetch, ClassSet, Labelled, few_shot_indices, template_list
 from clipft.data.hard_images import WithHardImages
 from clipft.data.negatives import negatives as draw_negatives
-from clipft.data.shards import (
-    ShardFetch, ShardSet, ShardStream, check_first_sample, epoch_length, expand_shards, index_shards, is_table,
-)
-from clipft.data.synthetic import SyntheticScenes, label_of, one_object_eval_set
+from clipft.data.shards import ShardFetch, ShardSet, ShardStream
+from clipft.data.sources import ClassSplits, SyntheticFetch, TableFetch, source
 from clipft.data.transforms import array_transform
-from clipft.data.table import Table, load_rgb, read_image_folder, read_table
 
 log = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------------ fetchers
-# A fetcher maps an index to (PIL image, target, image id). They are small classes, not
-# lambdas, so that DataLoader workers can pickle them.
-
-
-class SyntheticFetch:
-    """Synthetic scenes as uint8 arrays (see :mod:`clipft.data.transforms`); the target is
-    the caption, or a class index for ``label_task``."""
-
-    def __init__(self, scenes: SyntheticScenes, label_task: Optional[str] = None) -> None:
-        self.scenes = scenes
-        self.label_task = label_task
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __call__(self, index: int) -> tuple[np.ndarray, Any, str]:
-        item = self.scenes[index]
-        target = item["caption"] if self.label_task is None else label_of(item["scene"], self.label_task)
-        return item["image"], target, f"synthetic:{self.scenes.split}:{index}"
-
-
-class TableFetch:
-    """Rows of a checked table; targets are the captions, or class indices via ``label_to_index``."""
-
-    def __init__(self, table: Table, label_to_index: Optional[dict[str, int]] = None) -> None:
-        self.table = table
-        self.label_to_index = label_to_index
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __call__(self, index: int) -> tuple[Image.Image, Any, str]:
-        path = self.table.images[index]
-        text = self.table.texts[index]
-        target: Any = text if self.label_to_index is None else self.label_to_index[text]
-        if self.table.negatives is not None:  # the row's own negative captions travel with it
-            target = (text, self.table.negatives[index])
-        return load_rgb(path), target, str(path)
+# ------------------------------------------------------------------------ datasets
+# A fetcher (clipft.data.sources) maps an index to (image, target, image id).
 
 
 class TransformedImages(Dataset):
@@ -139,7 +98,7 @@ def collate_labelled(items: Sequence[tuple[torch.Tensor, int | Labelled, str]]) 
 
 
 class ImageTextDataModule(L.LightningDataModule):
-    """Train and validation pairs of one source (``data.source``: synthetic | csv | webdataset).
+    """Train and validation pairs of one source (``data.source``, :mod:`clipft.data.sources`).
 
     Sources are read and checked in :meth:`prepare_sources` (called by ``setup``, and by the
     CLI before the model is built, so that bad data fails before anything else happens).
@@ -174,78 +133,26 @@ class ImageTextDataModule(L.LightningDataModule):
         self.classes: Optional[ClassSet] = None  # class-based sources (data.classes)
         self.train_classes: list[int] = []  # the labels trained on (data.classes.train_classes)
 
-    @property
-    def class_based(self) -> bool:
-        return self.cfg.source == "folder" or self.cfg.classes.enabled
-
     def prepare_sources(self) -> None:
         if self.train_fetch is not None or self.train_shards is not None:
             return
-        cfg = self.cfg
-        if self.class_based:
-            self._prepare_classes()
-        elif cfg.source == "synthetic":
-            s = cfg.synthetic
-            self.train_fetch = SyntheticFetch(
-                SyntheticScenes("train", s.train_size, s.seed, s.image_size, s.two_object_fraction)
-            )
-            self.val_fetch = SyntheticFetch(SyntheticScenes("val", s.val_size, s.seed, s.image_size, s.two_object_fraction))
-        elif cfg.source == "csv":
-            if not cfg.train:
-                raise ValueError("data.train: a table path is required when data.source=csv")
-            self.train_fetch = TableFetch(self._table(cfg.train, negatives=True))
-            self.val_fetch = TableFetch(self._table(cfg.val)) if cfg.val else None
-        elif cfg.source == "webdataset":
-            if not cfg.train:
-                raise ValueError("data.train: shards are required when data.source=webdataset")
-            shards = expand_shards(cfg.train)
-            self.train_epoch_samples = epoch_length(shards, cfg.webdataset)
-            check_first_sample(shards, cfg.webdataset)
-            self.train_shards = shards
-            if cfg.val:
-                on_bad = cfg.on_bad_sample or "skip"
-                self.val_fetch = TableFetch(self._table(cfg.val)) if is_table(cfg.val) else ShardFetch(
-                    index_shards(cfg.val, cfg.webdataset, on_bad))
-        else:  # config validation already names the allowed values
-            raise ValueError(f"data.source: unknown source '{cfg.source}'")
+        src = source(self.cfg.source)
+        src.check(self.cfg)
+        if src.has_classes(self.cfg):
+            self._prepare_classes(src.class_splits(self.cfg))
+            return
+        pairs = src.pairs(self.cfg)
+        self.train_fetch, self.val_fetch = pairs.train, pairs.val
+        self.train_shards, self.train_epoch_samples = pairs.shards, pairs.epoch_samples
 
-    def _prepare_classes(self) -> None:
-        """Class-labelled train and validation items: the synthetic one-object scenes labelled
-        by ``data.classes.task``, an image folder, or a table with a label column. The classes
-        are the sorted labels of both splits (the synthetic task's own order), so the base /
-        novel halves are the same whichever split is read."""
-        cfg, spec = self.cfg, self.cfg.classes
-        if cfg.source == "synthetic":
-            s = cfg.synthetic
-            held_out = {f"{colour} {shape}" for colour, shape in synthetic.HELD_OUT_COMBOS}
-            task_names = synthetic.class_names(spec.task)
-            kept = [i for i, name in enumerate(task_names) if name not in held_out]  # never drawn in train/val
-            new_label = {old: new for new, old in enumerate(kept)}
-            names = [task_names[i] for i in kept]
-            splits = {}
-            for split, size in (("train", s.train_size), ("val", s.val_size)):
-                scenes = one_object_eval_set(split, size, s.seed, s.image_size)
-                labels = [new_label[label_of(scenes.scene(i), spec.task)] for i in range(len(scenes))]
-                splits[split] = (SyntheticFetch(scenes), labels)
-            default_templates = ["a large {}"]
-        else:
-            def read(path: str) -> Table:
-                if cfg.source == "folder":
-                    return read_image_folder(path)
-                return read_table(path, cfg.image_key, spec.label_key, cfg.separator, cfg.on_bad_sample, what="label")
-
-            tables = {"train": read(cfg.train or "")}
-            if cfg.val:
-                tables["val"] = read(cfg.val)
-            keys = sorted({text for table in tables.values() for text in table.texts})
-            display = read_class_names(spec.names, keys) if spec.names else {k: k for k in keys}
-            names = [display[k] for k in keys]
-            index = {k: i for i, k in enumerate(keys)}
-            splits = {split: (TableFetch(table), [index[t] for t in table.texts]) for split, table in tables.items()}
-            default_templates = ["a photo of a {}."]
-        self.classes = ClassSet(names, template_list(spec.templates, spec.template_set, default_templates))
+    def _prepare_classes(self, labelled: ClassSplits) -> None:
+        """The classes and prompts of class-labelled data, and the training items: those of the
+        classes trained on (data.classes.train_classes), k per class with data.classes.shots."""
+        spec = self.cfg.classes
+        names = labelled.names
+        self.classes = ClassSet(names, template_list(spec.templates, spec.template_set, labelled.default_templates))
         self.train_classes = self.classes.base if spec.train_classes == "base" else list(range(len(names)))
-        fetch, labels = splits["train"]
+        fetch, labels = labelled.splits["train"]
         if spec.shots is not None:
             indices = few_shot_indices(labels, spec.shots, self.seed, self.train_classes)
         else:
@@ -254,14 +161,9 @@ class ImageTextDataModule(L.LightningDataModule):
         if not indices:
             raise ValueError(f"data.train: no training images of the classes trained on ({spec.train_classes})")
         self.train_fetch = ClassFetch(fetch, labels, indices, self.classes)
-        if "val" in splits:
-            fetch, labels = splits["val"]
+        if "val" in labelled.splits:
+            fetch, labels = labelled.splits["val"]
             self.val_fetch = ClassFetch(fetch, labels, range(len(labels)), self.classes)
-
-    def _table(self, path: str, negatives: bool = False) -> Table:
-        cfg = self.cfg
-        column = cfg.negatives.column if negatives and cfg.negatives.count > 0 else None
-        return read_table(path, cfg.image_key, cfg.caption_key, cfg.separator, cfg.on_bad_sample, negatives_key=column)
 
     def train_size(self) -> int:
         """Training samples per epoch (shards: data.webdataset.epoch_samples or sizes.json)."""

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from clipft.config import ZeroShotTaskConfig
-from clipft.data import synthetic
-from clipft.data.datamodule import SyntheticFetch, TableFetch, TransformedImages
-from clipft.data.table import DataError, read_image_folder, read_table
+from clipft.data.datamodule import TransformedImages
+from clipft.data.sources import source
 from clipft.data.transforms import array_transform
 from clipft.eval.callbacks import ZeroShotTask
 
@@ -36,32 +34,15 @@ def build_zeroshot_task(
     image_size: int = 32,
     separator: Optional[str] = None,
 ) -> ZeroShotTask:
-    """A task of the synthetic data set (one-object images; prompts are every caption of the
-    data's grammar that describes the class) or of a table of images and labels."""
-    if cfg.source == "synthetic":
-        scenes = synthetic.one_object_eval_set(cfg.split, cfg.size, seed, image_size)
-        return ZeroShotTask(
-            name=cfg.name,
-            dataset=TransformedImages(
-                SyntheticFetch(scenes, label_task=cfg.task), array_transform(preprocess_val, image_size)
-            ),
-            class_names=synthetic.class_names(cfg.task),
-            templates=functools.partial(synthetic.prompts, cfg.task),
-            ensemble=cfg.ensemble,
-        )
-    if cfg.source == "folder":
-        table = read_image_folder(cfg.data or "")
-    else:
-        table = read_table(cfg.data or "", cfg.image_key, cfg.label_key, separator, what="label")
-    names = list(cfg.classnames) if cfg.classnames else sorted(set(table.texts))
-    index = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(table.texts) - set(index))
-    if unknown:
-        raise DataError(f"{cfg.data}: labels not in eval.zeroshot '{cfg.name}' classnames: {unknown[:10]}")
+    """A task of labelled images from its source (:mod:`clipft.data.sources`): the synthetic
+    data set's built-in tasks (their prompts are every caption of the data's grammar that
+    describes the class), or a table or image folder of labelled images."""
+    images = source(cfg.source).zeroshot_images(cfg, seed, image_size, separator)
+    transform = preprocess_val if images.array_size is None else array_transform(preprocess_val, images.array_size)
     return ZeroShotTask(
         name=cfg.name,
-        dataset=TransformedImages(TableFetch(table, index), preprocess_val),
-        class_names=names,
-        templates=list(cfg.templates or TEMPLATE_SETS[cfg.template_set or "single"]),
+        dataset=TransformedImages(images.fetch, transform),
+        class_names=images.class_names,
+        templates=images.prompts or list(cfg.templates or TEMPLATE_SETS[cfg.template_set or "single"]),
         ensemble=cfg.ensemble,
     )

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict
 from clipft.data.batch import Batch
+from clipft.data.sources import source
 from clipft.losses.representation import mmrl_terms
 from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle, keep_in_eval, read_module_state, read_training_state
@@ -67,7 +68,7 @@ class MMRLConfig(MethodConfig):
     def check(self, run: RunConfig) -> None:
         if run.model.lora.rank > 0:
             raise ConfigError("method mmrl trains its tokens on a frozen backbone: set model.lora.rank to 0")
-        if not (run.data.classes.enabled or run.data.source == "folder"):
+        if not source(run.data.source).has_classes(run.data):
             raise ConfigError(
                 "method mmrl learns from class-labelled images: set data.classes.enabled: true "
                 "(synthetic or a csv with a label column) or data.source: folder"
