@@ -1,0 +1,163 @@
+"""The framework's cost per training step: clipft's quickstart against a plain PyTorch loop.
+
+    python benchmarks/overhead.py [--steps 120] [--rounds 3] [--profile]
+
+Both arms train the quickstart's model (clipft-tiny-vit, from scratch) on the same synthetic
+data loader (same batch, workers and seed), with the same threads, AdamW parameter groups
+(no weight decay on biases, norms, embeddings and the logit scale), warm-up + cosine schedule
+and logit-scale clamp; the plain loop is written here, in a dozen lines. Each arm runs in its
+own process, interleaved A/B/A/B over ``--rounds`` rounds so that a change in the machine's load
+hits both; each arm's figure is the median wall time between consecutive optimizer steps (data
+wait included, the first 10 steps and evaluation left out: clipft's report.json ``timing``,
+measured the same way in the loop). The table gives each round's ratio and the median ratio.
+
+``--profile`` adds one clipft run under Lightning's SimpleProfiler and prints where its step time
+goes (hooks, callbacks, optimizer, logging) next to the loop's forward/backward/step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = str(ROOT / "recipes" / "quickstart.yaml")
+SKIP = 10  # warm-up steps left out of the median
+
+
+def plain_loop(steps: int, threads: int) -> dict:
+    """The loop a user would write: median seconds between optimizer steps."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.nn.functional as F
+
+    import clipft.methods  # noqa: F401  (every method registers its settings)
+    from clipft.config import load_config
+    from clipft.data.datamodule import ImageTextDataModule
+    from clipft.losses import clip_contrastive_loss
+    from clipft.methods.base import no_weight_decay, warmup_cosine
+    from clipft.models import build_model
+
+    torch.set_num_threads(threads)
+    cfg = load_config(RECIPE, [f"trainer.max_steps={steps}"])
+    torch.manual_seed(cfg.run.seed)
+    bundle = build_model(cfg.model)
+    model = bundle.model.train()
+    data = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=cfg.run.seed)
+    data.setup("fit")
+    o = cfg.optim
+    decay, no_decay = [], []
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            (no_decay if no_weight_decay(module, full, param) else decay).append(param)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=o.fused or None)
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_fraction * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, steps, warmup, o.min_lr / o.lr, o.schedule))
+    times, last = [], None
+    batches = iter(data.train_dataloader())
+    for _ in range(steps):
+        batch = next(batches)
+        image = F.normalize(model.encode_image(batch.images), dim=-1)
+        text = F.normalize(model.encode_text(batch.texts), dim=-1)
+        loss = clip_contrastive_loss(image, text, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(o.logit_scale_max))
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+    return {"step_s_median": statistics.median(times[SKIP:]), "loss": float(loss)}
+
+
+def clipft_fit(steps: int, threads: int, out_dir: str, profile: bool = False) -> dict:
+    """``clipft fit`` of the quickstart, training only: its report's timing."""
+    sys.path.insert(0, str(ROOT))
+    import lightning as L
+
+    import clipft.methods  # noqa: F401
+    from clipft.config import load_config
+    from clipft.runner import fit
+
+    if profile:  # Lightning's own per-hook timing
+        trainer_init = L.Trainer.__init__
+
+        def with_profiler(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            kwargs["profiler"] = L.pytorch.profilers.SimpleProfiler(dirpath=out_dir, filename="profile")
+            trainer_init(self, *args, **kwargs)
+
+        L.Trainer.__init__ = with_profiler  # type: ignore[method-assign]
+    cfg = load_config(RECIPE, [
+        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "eval.zeroshot=[]",
+        "eval.retrieval.enabled=false", "eval.compositional.source=null", "eval.gap=false", f"run.threads={threads}",
+        "trainer.enable_progress_bar=false", "run.plot=false", f"run.out_dir={out_dir}", "run.monitor=val/loss", "run.monitor_mode=min",
+        f"run.checkpoint_every_n_steps={steps}",
+    ])
+    report = fit(cfg)
+    return {"step_s_median": report["timing"]["step_s_median"], "timing": report["timing"]}
+
+
+def _in_process(arm: str, steps: int, threads: int, out_dir: str, profile: bool = False) -> dict:
+    job = json.dumps({"arm": arm, "steps": steps, "threads": threads, "out": out_dir, "profile": profile})
+    done = subprocess.run([sys.executable, __file__, "--job", job], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{arm} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if args.job:
+        job = json.loads(args.job)
+        run = plain_loop if job["arm"] == "loop" else clipft_fit
+        kwargs = {"profile": job["profile"]} if job["arm"] == "clipft" else {}
+        extra = (job["out"],) if job["arm"] == "clipft" else ()
+        print(json.dumps(run(job["steps"], job["threads"], *extra, **kwargs)))
+        return
+    out = tempfile.mkdtemp(prefix="overhead_")
+    rows = []
+    for r in range(args.rounds):
+        loop = _in_process("loop", args.steps, args.threads, out)["step_s_median"]
+        ours = _in_process("clipft", args.steps, args.threads, f"{out}/r{r}")["step_s_median"]
+        rows.append((loop, ours))
+        print(f"round {r}: loop {loop:.4f} s, clipft {ours:.4f} s, ratio {ours / loop:.3f}", flush=True)
+    ratios = [b / a for a, b in rows]
+    print(f"\nquickstart model, batch 128, {args.steps} steps per arm, {args.threads} threads, "
+          f"load average {os.getloadavg()[0]:.2f}\n")
+    print("| round | plain loop s/step | clipft s/step | ratio |\n|---|---|---|---|")
+    for r, (a, b) in enumerate(rows):
+        print(f"| {r} | {a:.4f} | {b:.4f} | {b / a:.3f} |")
+    print(f"| median | {statistics.median(a for a, _ in rows):.4f} | {statistics.median(b for _, b in rows):.4f} | "
+          f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) |")
+    if args.profile:
+        _in_process("clipft", args.steps, args.threads, f"{out}/profile", profile=True)
+        text = next(Path(f"{out}/profile").rglob("*profile*.txt")).read_text()
+        print("\nclipft under Lightning's SimpleProfiler (per-hook totals):\n")
+        print("\n".join(text.splitlines()[:40]))
+
+
+if __name__ == "__main__":
+    main()
