@@ -47,10 +47,16 @@ from clipft.methods.base import ContrastiveMethod, register_method
 from clipft.models import ModelBundle
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32, or as it is when already fp32/fp64 (bf16/fp16 autocast features lose the
+    small distances these terms are made of)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def squared_distances(x: Tensor, y: Tensor) -> Tensor:
     """``[N, M]`` ‖x_i − y_j‖², in fp32 at least. From ‖x‖² + ‖y‖² − 2x·y, not from pdist's
     square root, whose gradient is NaN where two rows are equal (a caption repeated in a batch)."""
-    x, y = (t if t.dtype == torch.float64 else t.float() for t in (x, y))
+    x, y = at_least_fp32(x), at_least_fp32(y)
     return (x.square().sum(1, keepdim=True) + y.square().sum(1) - 2 * x @ y.T).clamp_min(0)
 
 
@@ -61,7 +67,7 @@ def log_mean_exp(values: Tensor) -> Tensor:
 
 def alignment_loss(image: Tensor, text: Tensor) -> Tensor:
     """L_Align = mean_i ‖v̂_i − t̂_i‖² over the pairs (Wang & Isola's L_align with α = 2)."""
-    return (image.float() - text.float()).square().sum(1).mean()
+    return (at_least_fp32(image) - at_least_fp32(text)).square().sum(1).mean()
 
 
 def uniformity_loss(features: Tensor, t: float = 2.0) -> Tensor:

@@ -1,10 +1,17 @@
 """Contrastive gap (Fahim et al. 2024): the terms equal the paper's formulas computed by hand,
-weights of 0 give plain CLIP fine-tuning exactly, and a few steps move alignment and uniformity
-the way the added terms pull, further than fine-tuning does."""
+weights of 0 give plain CLIP fine-tuning exactly, two processes give the one-device loss and
+gradients, and a few steps move alignment and uniformity the way the added terms pull, further
+than fine-tuning does."""
 
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +26,7 @@ from clipft.methods.contrastive_gap import alignment_loss, cross_uniformity_loss
 from clipft.models import build_model
 
 NO_GAP_TERMS = ["method.loss_weights.alignment=0", "method.loss_weights.uniformity=0"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _batch(method: ContrastiveGap, n: int = 16, seed: int = 0) -> Batch:
@@ -122,6 +130,57 @@ def test_a_few_steps_align_and_spread_more_than_fine_tuning() -> None:
     # measured: alignment 0.315 -> 0.279 (fine-tuning 0.322), uniformity -1.94 -> -2.22 (fine-tuning -1.93)
     assert align_gap < before[0] and align_gap < align_ft - 0.01, (before, after)
     assert unif_gap < before[1] and unif_gap < unif_ft - 0.01, (before, after)
+
+
+# One rank of test_two_processes_equal_one_device: the method's terms on its 4 pairs, with the
+# batch of both ranks gathered with gradients as the base method gathers it.
+RANK_WORKER = """
+import os, sys, warnings
+import torch, torch.distributed as dist, torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+warnings.simplefilter("ignore", FutureWarning)
+from clipft.methods.contrastive_gap import alignment_loss, cross_uniformity_loss, uniformity_loss
+dist.init_process_group("gloo", init_method="env://")
+rank = dist.get_rank()
+torch.manual_seed(0)
+v_all, t_all = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+v = v_all[rank * 4 : rank * 4 + 4].clone().requires_grad_(True)
+t = t_all[rank * 4 : rank * 4 + 4].clone().requires_grad_(True)
+vn, tn = F.normalize(v, dim=1), F.normalize(t, dim=1)
+all_v, all_t = torch.cat(all_gather(vn)), torch.cat(all_gather(tn))
+loss = alignment_loss(vn, tn) + (uniformity_loss(all_v) + uniformity_loss(all_t)) / 2 + cross_uniformity_loss(all_v, all_t)
+loss.backward()
+torch.save({"loss": loss.detach(), "v": v.grad, "t": t.grad}, f"{sys.argv[1]}.{rank}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # two interpreters importing the methods package: 10-40 s on a busy 2-core machine
+def test_two_processes_equal_one_device() -> None:
+    """2 ranks × 4 pairs = 1 device × 8 pairs: the mean of the ranks' losses is the one-device
+    loss, and each rank's feature gradient, averaged as DDP does (÷ 2), the one-device one."""
+    torch.manual_seed(0)
+    v = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    vn, tn = F.normalize(v, dim=1), F.normalize(t, dim=1)
+    loss = alignment_loss(vn, tn) + (uniformity_loss(vn) + uniformity_loss(tn)) / 2 + cross_uniformity_loss(vn, tn)
+    loss.backward()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank")
+        procs = [subprocess.Popen([sys.executable, "-c", RANK_WORKER, out], env={**env, "RANK": str(r)},
+                                  stderr=subprocess.PIPE) for r in range(2)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err.decode()[-2000:]
+        ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert (ranks[0]["loss"] + ranks[1]["loss"]).item() / 2 == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(torch.cat([r["v"] for r in ranks]) / 2, v.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.cat([r["t"] for r in ranks]) / 2, t.grad, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("override,message", [
