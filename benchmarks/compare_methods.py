@@ -14,6 +14,14 @@ official code cannot (LoRA adapters under CLIP-Refine and under DeGLA's EMA teac
 its own. On ../shared/data/twemoji64 (when present) a LiT model is first trained on the
 train split (recipes/lit_twemoji.yaml) and every contrastive method adapts it on the same split,
 evaluated on the unseen test split. The table goes to stdout and docs/results_table.md.
+
+A registered method that none of the arms below runs gets a synthetic arm of its own when it
+has a laptop recipe ``recipes/<method>.yaml`` from the same start (``model.pretrained:
+synthetic``), so a new method gets its row without an edit here. To (re)run some arms only:
+
+    python benchmarks/compare_methods.py --only "contrastive gap (Fahim et al.)" --no-twemoji
+
+which replaces (or adds) just those rows of docs/results_table.md's synthetic table.
 """
 
 from __future__ import annotations
@@ -74,6 +82,51 @@ TWEMOJI_COLUMNS = [
 ]
 
 
+def method_arms(listed: list[tuple[str, str, Optional[list[str]]]]) -> list[tuple[str, str, Optional[list[str]]]]:
+    """An arm for every registered method that no listed arm runs and whose laptop recipe
+    ``recipes/<method>.yaml`` starts from the shipped synthetic model: (label, recipe, [])."""
+    sys.path.insert(0, str(ROOT))
+    from clipft.config import peek
+    from clipft.methods import METHODS
+
+    covered = {peek(ROOT / recipe, overrides or [], "method.name") for _, recipe, overrides in listed}
+    arms = []
+    for name in sorted(set(METHODS) - covered):
+        recipe = ROOT / "recipes" / f"{name}.yaml"
+        if recipe.is_file() and peek(recipe, [], "model.pretrained") == "synthetic":
+            arms.append((arm_label(name, METHODS[name].paper), f"recipes/{name}.yaml", []))
+    return arms
+
+
+def arm_label(name: str, paper: str) -> str:
+    """'contrastive_gap', 'Fahim, Murphy & Fyshe, "..."' -> 'contrastive gap (Fahim et al.)'."""
+    first_author = paper.split('"')[0].split(",")[0].split(" et al")[0].strip()
+    return f"{name.replace('_', ' ')} ({first_author} et al.)" if first_author else name.replace("_", " ")
+
+
+def merge_rows(text: str, new_rows: list[str], before: set[str]) -> str:
+    """``text`` (docs/results_table.md) with the synthetic table's rows of the same labels
+    replaced by ``new_rows``; a new label goes before the first row whose label is in
+    ``before`` (the class-based arms), or after the table's last row."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### Synthetic"))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("### ")), len(lines))
+
+    def label(line: str) -> Optional[str]:
+        return line.split("|")[1].strip() if line.startswith("| ") else None
+
+    for row in new_rows:
+        same = [i for i in range(start, end) if label(lines[i]) == label(row)]
+        if same:
+            lines[same[0]] = row
+            continue
+        rows_at = [i for i in range(start, end) if lines[i].startswith("|")]
+        at = next((i for i in rows_at if label(lines[i]) in before), rows_at[-1] + 1)
+        lines.insert(at, row)
+        end += 1
+    return "\n".join(lines) + "\n"
+
+
 def run_one(recipe: str, overrides: list[str], train: bool) -> dict:
     """In this process: fit (or validate) and return the metrics, wall time and peak RSS."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -109,12 +162,18 @@ def _cell(values: list[float]) -> str:
 def table(title: str, columns: list[tuple[str, str]], rows: dict[str, list[dict]]) -> str:
     lines = [f"### {title}", "", "| run | " + " | ".join(c for c, _ in columns) + " | wall s | peak MB |",
              "|---" * (len(columns) + 3) + "|"]
+    return "\n".join(lines + table_rows(columns, rows))
+
+
+def table_rows(columns: list[tuple[str, str]], rows: dict[str, list[dict]]) -> list[str]:
+    """One markdown row per arm: mean ± s.d. over its seeds, mean wall time, peak memory."""
+    lines = []
     for label, results in rows.items():
         cells = [_cell([r["metrics"][key] for r in results if key in r["metrics"]]) for _, key in columns]
         wall = statistics.mean(r["wall_s"] for r in results)
         peak = max(r["peak_mb"] for r in results)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {wall:.0f} | {peak:.0f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def run_arms(arms: list[tuple[str, str, Optional[list[str]]]], common: list[str], seeds: list[int], out: Path,
@@ -140,6 +199,9 @@ def main() -> None:
     parser.add_argument("--twemoji", default=str(ROOT.parent / "shared" / "data" / "twemoji64"))
     parser.add_argument("--no-twemoji", action="store_true")
     parser.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
+    parser.add_argument("--only", nargs="+", metavar="LABEL",
+                        help="run only these synthetic/class arms (their row labels) and replace just their rows "
+                             "in docs/results_table.md")
     args = parser.parse_args()
     if args.job:
         job = json.loads(args.job)
@@ -148,8 +210,12 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="compare_methods_"))
     quiet = ["trainer.enable_progress_bar=false", "run.plot=false"]
     steps = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}"]
+    synthetic_arms = SYNTHETIC_ARMS + method_arms(SYNTHETIC_ARMS + CLASS_ARMS)
+    if args.only:
+        run_only(args.only, synthetic_arms, [*quiet, *steps], quiet, args.seeds, out)
+        return
     texts = []
-    rows = run_arms(SYNTHETIC_ARMS, [*quiet, *steps], args.seeds, out, "synthetic")
+    rows = run_arms(synthetic_arms, [*quiet, *steps], args.seeds, out, "synthetic")
     rows.update(run_arms(CLASS_ARMS, quiet, args.seeds, out, "classes"))
     texts.append(table(
         f"Synthetic data, {args.steps} steps of batch 128 from the shipped tiny model (seeds {args.seeds}; "
@@ -174,6 +240,22 @@ def main() -> None:
     print(text)
     (ROOT / "docs" / "results_table.md").write_text(text)
     print(f"run folders: {out}")
+
+
+def run_only(labels: list[str], synthetic_arms: list[tuple[str, str, Optional[list[str]]]], synthetic_common: list[str],
+             class_common: list[str], seeds: list[int], out: Path) -> None:
+    """Run the named arms, print their rows and put them into docs/results_table.md."""
+    known = {label for label, _, _ in synthetic_arms + CLASS_ARMS}
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise SystemExit(f"--only: no arm named {unknown}; the arms: {sorted(known)}")
+    rows = run_arms([a for a in synthetic_arms if a[0] in labels], synthetic_common, seeds, out, "synthetic")
+    rows.update(run_arms([a for a in CLASS_ARMS if a[0] in labels], class_common, seeds, out, "classes"))
+    new_rows = table_rows(COLUMNS, rows)
+    print("\n".join(new_rows))
+    path = ROOT / "docs" / "results_table.md"
+    path.write_text(merge_rows(path.read_text(), new_rows, {label for label, _, _ in CLASS_ARMS}))
+    print(f"rows replaced in {path.relative_to(ROOT)}; run folders: {out}")
 
 
 def run_lit_start(out: Path, overrides: list[str]) -> str:

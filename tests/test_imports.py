@@ -1,6 +1,8 @@
 """The package's modules import one another in one direction: no import cycle, counting
 imports inside functions too (a lazy import is still an edge). A package's ``__init__``
-re-exporting its modules is not an edge of those modules back to it."""
+re-exporting its modules is not an edge of those modules back to it. A package that imports
+every module of its own at import time (``pkgutil.iter_modules(__path__)``, as clipft.methods
+does so that a method is one new file) has an edge to each of them, as if it named them."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clipft"
+DISCOVERY = "pkgutil.iter_modules(__path__)"  # a package importing all of its own modules
 
 
 def _module_name(path: Path) -> str:
@@ -32,6 +35,8 @@ def import_graph() -> dict[str, set[str]]:
                     target = target.rpartition(".")[0]
                 if target and target != name and target.startswith("clipft"):
                     graph[name].add(target)
+        if path.name == "__init__.py" and DISCOVERY in path.read_text():
+            graph[name] |= {other for other, p in modules.items() if p.parent == path.parent and p != path}
     return graph
 
 
@@ -74,6 +79,13 @@ def test_no_import_cycle_in_the_package() -> None:
     graph = import_graph()
     assert sum(len(t) for t in graph.values()) > 100  # the walk finds the package's imports
     assert cycles(graph) == []
+
+
+def test_a_package_that_discovers_its_modules_has_an_edge_to_each() -> None:
+    graph = import_graph()
+    methods = {name for name in graph if name.startswith("clipft.methods.")}
+    assert {"clipft.methods.finetune", "clipft.methods.base"} <= methods
+    assert methods <= graph["clipft.methods"]
 
 
 def test_the_cycle_finder_finds_a_lazy_import_cycle() -> None:

@@ -51,7 +51,7 @@ def test_method_page_names_every_setting(name: str) -> None:
     # and names no setting that does not exist (a renamed or removed key); dotted sub-keys
     # such as method.loss_weights.m2mix name their setting's first part
     known = every_setting_key()
-    named = {f"method.{key}" for key in re.findall(r"\bmethod\.(\w+)", text)}
+    named = {f"method.{key}" for key in re.findall(r"(?<![\w-])method\.(\w+)", text)}
     assert named - known == set(), f"docs/methods/{name}.md names settings no method has: {sorted(named - known)}"
 
 
