@@ -59,7 +59,8 @@ def _clipft_argv(line: str) -> list[str] | None:
     if not words or Path(words[0]).name != "clipft":
         return None
     argv = words[1:]
-    return argv[:argv.index(">")] if ">" in argv else argv
+    ends = [i for i, word in enumerate(argv) if word in (">", "|", "&&", ";")]  # the clipft command alone
+    return argv[:ends[0]] if ends else argv
 
 
 def _static_check(command: Command, argv: list[str] | None) -> None:
