@@ -120,7 +120,7 @@ def _mlflow_logger(cfg: RunConfig, run_dir: Path, run_id: Optional[str]) -> MLFl
     uri = user_uri or f"sqlite:///{run_dir.resolve() / MLFLOW_DB}"
     if not user_uri:
         _CHOSEN_URIS.add(uri)
-    logger = MLFlowLogger(
+    return MLFlowLogger(
         experiment_name=cfg.run.name,
         run_name=run_dir.name if not user_uri else f"{cfg.run.name}/{run_dir.name}",
         tracking_uri=uri,
@@ -129,7 +129,6 @@ def _mlflow_logger(cfg: RunConfig, run_dir: Path, run_id: Optional[str]) -> MLFl
         artifact_location=None if user_uri else (run_dir.resolve() / "mlartifacts").as_uri(),
         run_id=run_id if run_id and _mlflow_run_exists(logger_uri=uri, run_id=run_id) else None,
     )
-    return logger
 
 
 def _mlflow_run_exists(logger_uri: str, run_id: str) -> bool:
@@ -160,7 +159,7 @@ def wandb_logged_in() -> bool:
 
 def _wandb_logger(cfg: RunConfig, run_dir: Path, run_id: Optional[str]) -> WandbLogger:
     offline = not os.environ.get("WANDB_MODE") and not wandb_logged_in()
-    if offline:
+    if offline:  # Lightning then sets WANDB_MODE=dryrun for this process (close() clears it)
         log.info("run.loggers: wandb logs offline to %s (not logged in; `wandb sync` uploads it later)", run_dir / "wandb")
     return WandbLogger(
         name=run_dir.name, project=os.environ.get("WANDB_PROJECT") or cfg.run.name, save_dir=str(run_dir),
@@ -281,10 +280,13 @@ def close(trainer: L.Trainer) -> None:
     MLflow run and the TensorBoard files)."""
     if not trainer.is_global_zero:
         return
-    if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+    wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if wandb_loggers:
         import wandb
 
         wandb.finish()
+        if any(lg._offline for lg in wandb_loggers) and os.environ.get("WANDB_MODE") == "dryrun":
+            del os.environ["WANDB_MODE"]  # set by Lightning's WandbLogger for its offline run
     if os.environ.get("MLFLOW_TRACKING_URI") in _CHOSEN_URIS:
         import mlflow
 
@@ -299,7 +301,6 @@ class _DropLightningNoise(logging.Filter):
     NOISE = (
         "💡 Tip:",
         "TPU available: False",
-        "HPU available: False",
         "Loading `train_dataloader` to estimate number of stepping batches.",
         "Experiment with name ",
         "Creating initial MLflow database tables",

@@ -21,6 +21,7 @@ from clipft import loggers as clipft_loggers
 from clipft import runner
 from clipft.cli import main
 from clipft.config import ConfigError, load_config
+from clipft.models import read_training_state
 from conftest import FAST_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,6 @@ def test_plots_are_tensorboard_images(first: dict[str, Any]) -> None:
     assert curves[0].width > 100 and curves[0].encoded_image_string.startswith(b"\x89PNG")
 
 
-@pytest.mark.slow
 def test_a_resume_continues_the_same_tensorboard_folder_and_mlflow_run(first: dict[str, Any], tmp_path: Path) -> None:
     run_dir = tmp_path / "moved"  # a copy: the other tests read the original
     shutil.copytree(first["run_dir"], run_dir)
@@ -218,7 +218,6 @@ def test_lightning_tips_are_silenced_and_its_other_lines_kept(caplog: pytest.Log
     assert [r.getMessage() for r in caplog.records] == ["GPU available: True (cuda), used: True"]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed (pip install 'clipft[wandb]')")
 def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
@@ -233,3 +232,7 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path, monkeypatch: pyt
     run_dir = Path(runner.fit(cfg)["run_dir"])
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
+    assert "WANDB_MODE" not in os.environ  # the next run decides afresh
+    # the checkpoint records the W&B run id, which a resume continues
+    state = read_training_state(run_dir / "checkpoints" / "last.ckpt")["callbacks"]["TrackingRunsInCheckpoint"]
+    assert offline[0].name.endswith("-" + state["tracking_runs"]["wandb"])
