@@ -236,3 +236,13 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path, monkeypatch: pyt
     # the checkpoint records the W&B run id, which a resume continues
     state = read_training_state(run_dir / "checkpoints" / "last.ckpt")["callbacks"]["TrackingRunsInCheckpoint"]
     assert offline[0].name.endswith("-" + state["tracking_runs"]["wandb"])
+
+
+def test_the_progress_bar_leaves_out_the_trackers_run_ids() -> None:
+    from types import SimpleNamespace
+
+    assert clipft_loggers.progress_bar(load_config(QUICKSTART, [])) == []  # csv + tensorboard: no run id to hide
+    (bar,) = clipft_loggers.progress_bar(load_config(QUICKSTART, ["run.loggers=[csv,mlflow]"]))
+    trainer = SimpleNamespace(loggers=[SimpleNamespace(version=""), SimpleNamespace(version="0123456789abcdef")],
+                              progress_bar_metrics={"train/loss": 1.5})
+    assert bar.get_metrics(trainer, None) == {"train/loss": 1.5}  # Lightning's bar shows v_num: cdef
