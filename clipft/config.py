@@ -54,6 +54,11 @@ class RunSection:
     monitor: str = "val/loss"  # metric that picks the best checkpoint
     monitor_mode: str = "min"  # min | max
     plot: bool = True  # training curves PNG in the run folder
+    # Where metrics, the resolved recipe and the plots go (docs/logging.md): csv (metrics.csv,
+    # always on: curves.png, the report and resume read it), tensorboard, mlflow (a SQLite store
+    # in the run folder unless MLFLOW_TRACKING_URI is set) and wandb (offline unless logged in);
+    # mlflow and wandb are extras: pip install 'clipft[mlflow]' / 'clipft[wandb]'.
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
     # A non-finite loss term or gradient norm (docs/divergence.md): stop the run at that step
     # (last.ckpt keeps the last good state), or skip that step's update and stop only after
     # nonfinite_patience skipped steps in a row (not under DeepSpeed).
@@ -381,6 +386,8 @@ PRECISION = {
     "pure_fp16": "16-true",
 }
 LIGHTNING_PRECISION = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # run.loggers
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.monitor_mode": ("min", "max"),
@@ -761,6 +768,9 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
     for i, task in enumerate(cfg.eval.zeroshot):
         data_source(task.source, f"eval.zeroshot[{i}].source", labelled=True)
     _check_values(cfg)
+    for name in cfg.run.loggers:
+        if name not in LOGGERS:
+            raise not_one_of("run.loggers", name, LOGGERS)
     classes = cfg.data.classes
     if classes.enabled and not source.labelled:
         *others, last = data_source_names(labelled=True)

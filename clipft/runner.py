@@ -33,7 +33,10 @@ from clipft.eval.compositional import GROUPS, SUBSETS, load_benchmark, write_syn
 from clipft.eval.gap import GAP_METRICS
 from clipft.eval.plots import plot_training_curves
 from clipft.eval.tasks import build_zeroshot_task
-from clipft.logs import ContinuingCSVLogger, LoggedRowsInCheckpoint, logged_rows
+from clipft.loggers import (RecipeAsHyperparameters, TrackingRunsInCheckpoint, build_loggers, check_installed, log_plots,
+                            progress_bar, quiet_lightning)
+from clipft.loggers import close as close_loggers
+from clipft.logs import LoggedRowsInCheckpoint, logged_rows
 from clipft.methods import ContrastiveMethod, build_method
 from clipft.methods.guard import DivergenceGuard
 from clipft.strategies import build_strategy
@@ -53,6 +56,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 # a shard stream's length is exact: every rank and worker follows one plan (data/shards.py)
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+quiet_lightning()  # Lightning's tips and notes nobody asked for (clipft/loggers.py)
 
 def apply_threads(cfg: RunConfig) -> int:
     """torch intra-op threads for CPU work (``run.threads``; 0 = the cores this process may
@@ -376,6 +380,7 @@ def build_callbacks(
 def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None) -> Run:
     """Everything a run needs, with bad input failing first: data sources are read and
     checked before the model is built; the model before the Trainer."""
+    check_installed(cfg)  # run.loggers' packages, before a folder or a model is made
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     apply_threads(cfg)
     resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
@@ -385,7 +390,8 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     run_dir = run_dir or resume_dir or (Path(shared) if shared else new_run_dir(cfg))
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:
-        run = _assemble_run(cfg, stage, run_dir, resume_ckpt)
+        # continuing: a resume in its own run folder (a checkpoint from elsewhere starts a new one)
+        run = _assemble_run(cfg, stage, run_dir, resume_ckpt, continuing=resume_ckpt is not None and not made)
     except BaseException:
         if made:
             _remove_if_unused(run_dir)
@@ -394,7 +400,7 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     return run
 
 
-def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Optional[Path]) -> Run:
+def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Optional[Path], continuing: bool = False) -> Run:
     bundle = build_model(cfg.model)
     datamodule = ImageTextDataModule(
         cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=cfg.run.seed
@@ -450,7 +456,8 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
             ),
             LearningRateMonitor(logging_interval="step"),
         ]
-    callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint()]
+    callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint(), TrackingRunsInCheckpoint(),
+                  RecipeAsHyperparameters(cfg, log_now=not continuing), *progress_bar(cfg)]
     if stage == "fit":
         times = StepTimes(report)
         callbacks.append(times)
@@ -479,7 +486,8 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
-        logger=ContinuingCSVLogger(str(run_dir), keep_rows=logged_rows(resume_state), keep_before_step=resume_step),
+        logger=build_loggers(cfg, run_dir, continuing, resume_state, logged_rows(resume_state), resume_step),
+        enable_autolog_hparams=False,  # the recipe is logged once per run (RecipeAsHyperparameters)
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         enable_model_summary=False,
@@ -580,8 +588,11 @@ def _fit(run: Run) -> dict[str, Any]:
     times = next(c for c in trainer.callbacks if isinstance(c, StepTimes))
     run.report.extra["timing"] = times.timing(train_time, trainer.global_step - step_at_start, trainer.strategy.root_device)
     run.report.write(trainer)
+    curves = None
     if cfg.run.plot and trainer.is_global_zero:
-        plot_training_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", title=f"{cfg.run.name}")
+        curves = plot_training_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", title=f"{cfg.run.name}")
+    log_plots(trainer, {"curves": curves, "gap": run.run_dir / "gap.png"})
+    close_loggers(trainer)
     return _with_paths(run, {**run.report.extra, "metrics": run.report.metrics})
 
 
@@ -620,6 +631,8 @@ def _validate(run: Run, ckpt: Optional[str]) -> dict[str, Any]:
     run.report.extra.pop("epoch", None)
     run.report.extra["global_step"] = run.report.extra.get("checkpoint_step") or 0  # the model's, not this run's
     run.report.write(run.trainer)
+    log_plots(run.trainer, {"gap": run.run_dir / "gap.png"})
+    close_loggers(run.trainer)
     return {**run.report.extra, "metrics": run.report.metrics}
 
 
