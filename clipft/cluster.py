@@ -13,12 +13,13 @@ that all nodes share at the same path (docs/multinode.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ from clipft.config import ConfigError, RunConfig
 
 T = TypeVar("T")
 # how long a rank waits for rank 0's new folder to appear (a shared filesystem's attribute cache)
-VISIBLE_WAIT_S = 10.0
+VISIBLE_WAIT_S = 5.0
 
 
 def launcher_environment() -> Optional[ClusterEnvironment]:
@@ -123,3 +124,36 @@ def check_visible(run_dir: Path, wait_s: float = VISIBLE_WAIT_S) -> None:
             "every node must see run.out_dir at the same path (a shared filesystem, an absolute path): "
             "set run.out_dir to such a folder"
         )
+
+
+class LostProcess(RuntimeError):
+    """A collective failed because another process of the run died, hung past
+    ``trainer.collective_timeout_s`` or became unreachable."""
+
+
+# what gloo (CPU) and the c10d layer say when a peer is gone or a collective times out
+_LOST = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+
+
+def is_lost_process(err: BaseException) -> bool:
+    return isinstance(err, getattr(dist, "DistError", ())) or (
+        isinstance(err, RuntimeError) and any(marker in str(err) for marker in _LOST)
+    )
+
+
+@contextlib.contextmanager
+def explain_lost_process(world_size: int, run_dir: Path, timeout_s: float) -> Iterator[None]:
+    """Turn a failed collective of a multi-process run into one :class:`LostProcess` line:
+    what happened, on which rank and host, and how to continue."""
+    try:
+        yield
+    except Exception as err:
+        if world_size <= 1 or not is_lost_process(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+        raise LostProcess(
+            f"rank {rank} on {socket.gethostname()}: another process of the run stopped or did not answer within "
+            f"trainer.collective_timeout_s={timeout_s:g} s ({first}); the run folder {run_dir} keeps the last "
+            "checkpoint: relaunch every node with run.resume=last"
+        ) from err

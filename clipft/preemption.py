@@ -6,7 +6,7 @@ container runtimes forward SIGTERM. On either signal, :class:`StopOnSignal` lets
 step finish; at the step boundary every rank learns whether any rank received one (one
 all-reduce of a flag per step), all ranks save ``checkpoints/last.ckpt`` together (ZeRO's
 shards included), rank 0 asks SLURM to requeue the job (``trainer.slurm_requeue``), and the run
-ends with :class:`Preempted`: ``clipft fit`` exits with status 0 and ``run.resume=last``
+ends with :class:`Preempted` before the next batch: ``clipft fit`` exits with status 0 and ``run.resume=last``
 continues from that step exactly. A second signal of the same kind while the first is pending
 stops the process at once (the default action).
 
@@ -49,6 +49,7 @@ class StopOnSignal(L.Callback):
         self.checkpoint = Path(checkpoint)
         self.requeue = requeue
         self.received = 0  # the signal number, 0 for none
+        self.stop: Optional[Preempted] = None  # saved: stop before the next batch
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
@@ -74,6 +75,8 @@ class StopOnSignal(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         signum = self.received
+        if self.stop is not None:
+            return
         if trainer.world_size > 1 and dist.is_initialized():  # every rank stops at the same step
             flag = torch.tensor([signum], dtype=torch.int64, device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -85,8 +88,14 @@ class StopOnSignal(L.Callback):
         trainer.save_checkpoint(self.checkpoint)  # every rank joins (ZeRO writes one shard per rank), then waits
         if self.requeue and trainer.is_global_zero:
             requeue_slurm_job()
-        self._restore()
-        raise Preempted(name, trainer.global_step, self.checkpoint)
+        self.stop = Preempted(name, trainer.global_step, self.checkpoint)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # stop here rather than right after the save: Lightning logs the saved step's train
+        # metrics after on_train_batch_end, and metrics.csv must keep that row
+        if self.stop is not None:
+            self._restore()
+            raise self.stop
 
 
 def requeue_slurm_job() -> None:

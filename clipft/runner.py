@@ -490,7 +490,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     """Train, validate at the end if the last step was not validated, save the last
     checkpoint, write report.json and the training curves. Returns the report."""
     run = build_run(cfg, "fit")
-    with _removed_if_failed(run):
+    with _removed_if_failed(run), cluster.explain_lost_process(run.trainer.world_size, run.run_dir, cfg.trainer.collective_timeout_s):
         return _fit(run)
 
 
