@@ -13,7 +13,8 @@ if _log_path and _root:
     _root = os.path.abspath(_root) + os.sep
     _rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "-"))
     _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    _PATH_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "shutil.rmtree", "shutil.move"}
+    _PATH_EVENTS = {"os.mkdir", "os.remove", "os.rmdir", "os.truncate", "shutil.rmtree"}
+    _TARGET_EVENTS = {"os.rename", "shutil.move", "shutil.copyfile"}  # (source, target, ...)
 
     def _audit(event, args):
         if event == "open":
@@ -22,7 +23,7 @@ if _log_path and _root:
                 return
         elif event in _PATH_EVENTS:
             path = args[0]
-        elif event == "shutil.copyfile":
+        elif event in _TARGET_EVENTS:
             path = args[1]
         else:
             return
