@@ -423,6 +423,48 @@ def test_a_node_that_cannot_see_the_run_folder_stops_both_with_a_clear_message(t
         assert not any((cwd / "runs" / "quickstart").glob("*"))
 
 
+HUNG_PEER = """
+import os, signal, time
+import torch, torch.distributed as dist
+from clipft.cluster import is_lost_process, launcher_environment, start_process_group
+from clipft.config import load_config
+cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
+                         "trainer.collective_timeout_s=3"])
+open(f"ready{os.environ['RANK']}", "w").close()  # both imported: meet within the 3 s
+while not all(os.path.exists(f"ready{rank}") for rank in (0, 1)):
+    time.sleep(0.01)
+assert start_process_group(launcher_environment(), cfg)
+dist.barrier()
+if dist.get_rank() == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)  # a hung node: alive, connected, silent
+start = time.monotonic()
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as err:
+    print(f"failed after {time.monotonic() - start:.2f} s; lost: {is_lost_process(err)}", flush=True)
+"""
+
+
+def test_a_hung_node_fails_the_collective_after_the_timeout(tmp_path: Path) -> None:
+    """The process group clipft starts under a launcher carries trainer.collective_timeout_s:
+    a peer that stops answering (SIGSTOP) fails the next collective after that time, instead
+    of blocking it forever (a killed peer fails it at once: its connections close)."""
+    port = free_port()
+    launches = []
+    for rank in (0, 1):  # what torchrun sets for a worker
+        env = dict(base_env(), TORCHELASTIC_RUN_ID="hung", RANK=str(rank), GROUP_RANK=str(rank), LOCAL_RANK="0",
+                   LOCAL_WORLD_SIZE="1", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT=str(port))
+        launches.append(Launch([sys.executable, "-c", HUNG_PEER], env, tmp_path / f"hung{rank}.log", cwd=tmp_path))
+    try:
+        assert wait_all(launches[:1], timeout=TIMEOUT_S) == [0], launches[0].output()[-3000:]
+    finally:
+        kill_tree(launches[1].proc.pid)
+        launches[1].proc.wait()
+    line = next(line for line in launches[0].output().splitlines() if line.startswith("failed after"))
+    waited = float(line.split()[2])
+    assert 3.0 <= waited < 8.0 and line.endswith("lost: True"), line
+
+
 def test_a_failed_collective_reads_as_one_line_naming_the_timeout_and_the_resume() -> None:
     gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:25835: Connection reset by peer.")
     assert is_lost_process(gloo) and not is_lost_process(RuntimeError("CUDA out of memory"))
