@@ -248,6 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _prepare_environment(args.recipe, list(args.overrides))
 
     import clipft.methods  # noqa: F401  (every method registers its settings before a recipe is composed)
+    from clipft.cluster import LostProcess
     from clipft.config import ConfigError, load_config, to_yaml
     from clipft.data.table import DataError
     from clipft.eval.callbacks import NonFiniteFeatures
@@ -284,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = runner.fit(cfg)
         else:
             report = runner.validate(cfg, args.ckpt)
-    except (ConfigError, DataError, ModelError, DivergenceError, NonFiniteFeatures, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, DivergenceError, NonFiniteFeatures, FileNotFoundError, LostProcess) as err:
         print(f"clipft: error: {err}", file=sys.stderr)
         return 2
     _print_report(report)
@@ -294,6 +295,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _print_report(report: dict) -> None:
     metrics = report.get("metrics", {})
     print(f"\nrun folder: {report.get('run_dir')}")
+    if report.get("preempted"):
+        stop = report["preempted"]
+        print(f"stopped by {stop['signal']} at step {stop['step']} (checkpoint saved): continue with run.resume=last")
     for key in ("steps", "train_time_s", "steps_per_s", "best_checkpoint", "last_checkpoint"):
         if report.get(key) is not None:
             print(f"{key}: {report[key]}")

@@ -313,6 +313,11 @@ class TrainerConfig:
     # torch.compile the trained model's towers in place (state dict keys unchanged); the first
     # step compiles (~1 min for the tiny model on 2 CPU cores), evaluation compiles once more
     compile: bool = False
+    # Seconds a collective (all-reduce, gather, barrier) waits for the other processes before
+    # it fails, e.g. when a node dies without closing its connections (docs/multinode.md).
+    collective_timeout_s: float = 1800
+    # SLURM: after the checkpoint a pre-emption signal triggers, rank 0 runs `scontrol requeue`
+    slurm_requeue: bool = True
 
 
 @dataclass
@@ -663,6 +668,7 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.data.synthetic.train_size > 0 and cfg.data.synthetic.val_size > 0, "data.synthetic", "sizes must be > 0"),
         (cfg.run.threads >= 0, "run.threads", "must be >= 0 (0 = the cores this process may use)"),
         (cfg.run.checkpoint_every_n_steps > 0, "run.checkpoint_every_n_steps", "must be > 0"),
+        (cfg.trainer.collective_timeout_s > 0, "trainer.collective_timeout_s", "must be > 0 (seconds)"),
         (cfg.run.nonfinite_patience > 0, "run.nonfinite_patience", "must be > 0"),
         (cfg.run.on_nonfinite != "skip" or not str(cfg.trainer.strategy).startswith("deepspeed"), "run.on_nonfinite",
          f"skip is not supported with trainer.strategy={cfg.trainer.strategy}: ZeRO applies the update inside its own "

@@ -34,9 +34,9 @@ def launch_command(cfg: RunConfig, recipe: str, overrides: Sequence[str], launch
     args = " ".join(shlex.quote(a) for a in [recipe, *overrides])
     if launcher == "torchrun":
         return (
-            f"# on each of the {nodes} node(s), with NODE_RANK=0..{nodes - 1} and MASTER_ADDR = node 0's address:\n"
-            f"torchrun --nnodes={nodes} --nproc_per_node={devices} --node_rank=$NODE_RANK "
-            f"--master_addr=$MASTER_ADDR --master_port=29500 \\\n    $(which clipft) fit {args}"
+            f"# on each of the {nodes} node(s); MASTER_ADDR: the address of one of them, which hosts the rendezvous\n"
+            f"torchrun --nnodes={nodes} --nproc-per-node={devices} --rdzv-backend=c10d "
+            f"--rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id={shlex.quote(cfg.run.name)} \\\n    -m clipft fit {args}"
         )
     gpus = f"#SBATCH --gpus-per-node={devices}\n" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") else ""
     return (
@@ -50,8 +50,8 @@ def launch_command(cfg: RunConfig, recipe: str, overrides: Sequence[str], launch
         "#SBATCH --signal=SIGUSR1@90\n"
         "#SBATCH --requeue\n"
         "#SBATCH --open-mode=append\n"
-        "# SIGUSR1 90 s before the time limit: Lightning saves hpc_ckpt_<n>.ckpt in the run folder\n"
-        "# and requeues the job; the requeued job continues that run from it.\n"
+        "# SIGUSR1 90 s before the time limit: clipft saves checkpoints/last.ckpt at the next step\n"
+        "# boundary and requeues the job; the requeued job continues that run from it.\n"
         'RESUME=""\n'
         'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then RESUME="run.resume=last"; fi\n'
         f"srun clipft fit {args} $RESUME\n"

@@ -23,7 +23,7 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import lightning as L
@@ -250,28 +250,38 @@ def log_plots(trainer: L.Trainer, plots: dict[str, Path]) -> None:
                 logger.log_image(key=f"plots/{key}", images=[str(path)], step=step)
 
 
-class _WithoutRunId:
+class _ClipftBar:
+    """Lightning's progress bar (Rich or tqdm, as Lightning chooses) without "v_num" (the
+    logger's version: the last characters of an MLflow or W&B run id; the run folder names the
+    run) and with the training throughput when the run measures it."""
+
+    rate: Optional[Callable[[], Optional[float]]] = None
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
         items.pop("v_num", None)
+        value = self.rate() if self.rate is not None else None
+        if value is not None and trainer.training:
+            items["samples/s"] = f"{value:.0f}"
         return items
 
 
-class RichBarWithoutRunId(_WithoutRunId, RichProgressBar):
+class RichBar(_ClipftBar, RichProgressBar):
     pass
 
 
-class TQDMBarWithoutRunId(_WithoutRunId, TQDMProgressBar):
+class TQDMBar(_ClipftBar, TQDMProgressBar):
     pass
 
 
-def progress_bar(cfg: RunConfig) -> list[L.Callback]:
-    """Lightning's progress bar shows the loggers' run ids as "v_num" (the last 4 characters of
-    the MLflow or W&B run id): the same bar without it, where a tracker has an id."""
-    if not cfg.trainer.enable_progress_bar or not {"mlflow", "wandb"} & set(cfg.run.loggers):
+def progress_bar(cfg: RunConfig, rate: Optional[Callable[[], Optional[float]]] = None) -> list[L.Callback]:
+    """The run's progress bar (none with trainer.enable_progress_bar=false); ``rate``: samples/s."""
+    if not cfg.trainer.enable_progress_bar:
         return []
     rich = importlib.util.find_spec("rich") is not None  # Lightning's own choice of bar
-    return [RichBarWithoutRunId() if rich else TQDMBarWithoutRunId()]
+    bar = RichBar() if rich else TQDMBar()
+    bar.rate = rate
+    return [bar]
 
 
 def close(trainer: L.Trainer) -> None:

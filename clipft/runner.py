@@ -23,8 +23,10 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from clipft import cluster
 from clipft.config import ConfigError, RunConfig, lightning_precision, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
 from clipft.data.sources import source
@@ -39,6 +41,7 @@ from clipft.loggers import close as close_loggers
 from clipft.logs import LoggedRowsInCheckpoint, logged_rows
 from clipft.methods import ContrastiveMethod, build_method
 from clipft.methods.guard import DivergenceGuard
+from clipft.preemption import Preempted, StopOnSignal
 from clipft.strategies import build_strategy
 from clipft.models import ModelBundle, build_model, count_parameters, labelled, load_pretrained_file, read_training_state
 from clipft.models.checkpoint_io import trusting
@@ -250,7 +253,7 @@ class StepTimes(L.Callback):
     and evaluation left out), the share of it spent waiting for a batch, samples per second,
     the evaluation time, and the peak GPU memory. No device sync: on a GPU the host runs ahead
     by a bounded queue, so the intervals' median is the steady-state step time. The progress
-    bar reads :attr:`samples_per_s` (:class:`ThroughputBar`)."""
+    bar reads :attr:`samples_per_s`."""
 
     def __init__(self, report: RunReport) -> None:
         self.report = report
@@ -328,21 +331,6 @@ class StepTimes(L.Callback):
             self.report.extra["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
 
 
-class ThroughputBar(TQDMProgressBar):
-    """Lightning's progress bar with the training throughput (samples/s over the last steps)."""
-
-    def __init__(self, times: StepTimes) -> None:
-        super().__init__()
-        self.times = times
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        rate = self.times.samples_per_s
-        if rate is not None and trainer.training:
-            metrics["samples/s"] = f"{rate:.0f}"
-        return metrics
-
-
 def build_callbacks(
     cfg: RunConfig, bundle: ModelBundle, run_dir: Optional[Path] = None, datamodule: Optional[ImageTextDataModule] = None
 ) -> list[L.Callback]:
@@ -383,15 +371,30 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     check_installed(cfg)  # run.loggers' packages, before a folder or a model is made
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     apply_threads(cfg)
-    resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
-    # Processes that Lightning starts for DDP re-run this command: they inherit the folder.
-    shared = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
-    made = not (run_dir or resume_dir or shared)
-    run_dir = run_dir or resume_dir or (Path(shared) if shared else new_run_dir(cfg))
-    os.environ[RUN_DIR_ENV] = str(run_dir)
+    launcher = cluster.launcher_environment()
+    if launcher is not None and cluster.start_process_group(launcher, cfg):
+        # torchrun / srun started every process: rank 0 chooses the folder, every rank checks it sees it
+        run_dir, resume_ckpt, made = cluster.agree(lambda: _choose_run_dir(cfg, stage, run_dir))
+        rank = launcher.global_rank()
+        made = made and rank == 0
+        try:
+            cluster.check_visible(run_dir)
+        except ConfigError:
+            if made:
+                _remove_if_unused(run_dir)
+            raise
+    else:
+        resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
+        # Processes that Lightning starts for DDP re-run this command: they inherit the folder.
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        shared = os.environ.get(RUN_DIR_ENV) if rank != 0 else None
+        made = not (run_dir or resume_dir or shared)
+        run_dir = run_dir or resume_dir or (Path(shared) if shared else new_run_dir(cfg))
+        os.environ[RUN_DIR_ENV] = str(run_dir)
     try:
         # continuing: a resume in its own run folder (a checkpoint from elsewhere starts a new one)
-        run = _assemble_run(cfg, stage, run_dir, resume_ckpt, continuing=resume_ckpt is not None and not made)
+        run = _assemble_run(cfg, stage, run_dir, resume_ckpt, continuing=resume_ckpt is not None and not made,
+                            rank_zero=rank == 0, launcher=launcher)
     except BaseException:
         if made:
             _remove_if_unused(run_dir)
@@ -400,7 +403,19 @@ def build_run(cfg: RunConfig, stage: str = "fit", run_dir: Optional[Path] = None
     return run
 
 
-def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Optional[Path], continuing: bool = False) -> Run:
+def _choose_run_dir(cfg: RunConfig, stage: str, run_dir: Optional[Path]) -> tuple[Path, Optional[Path], bool]:
+    """(run folder, checkpoint to resume from, whether the folder is new): the given folder,
+    the run that run.resume names, or a new timestamped folder."""
+    resume_dir, resume_ckpt = resolve_resume(cfg) if stage == "fit" else (None, None)
+    chosen = run_dir or resume_dir
+    return (chosen, resume_ckpt, False) if chosen else (new_run_dir(cfg), resume_ckpt, True)
+
+
+def _assemble_run(
+    cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Optional[Path], continuing: bool = False,
+    rank_zero: bool = True, launcher: Optional[ClusterEnvironment] = None,
+) -> Run:
+    launcher_name = cluster.launcher_name(launcher)
     bundle = build_model(cfg.model)
     datamodule = ImageTextDataModule(
         cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=cfg.run.seed
@@ -424,8 +439,9 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
         resume_state = read_training_state(resume_ckpt) if resume_ckpt is not None and resume_ckpt.suffix != ".safetensors" else {}
     resume_step = resume_state.get("global_step")
     datamodule.resume_batches = int(resume_step or 0) * cfg.trainer.accumulate_grad_batches
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, cfg, resumed=resume_ckpt is not None)
+    if rank_zero:  # the other ranks write nothing here (Lightning's loggers and checkpoints: rank 0 too)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, cfg, resumed=resume_ckpt is not None)
     report = RunReport(
         run_dir / "report.json",
         extra={
@@ -455,14 +471,13 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
                 enable_version_counter=False,
             ),
             LearningRateMonitor(logging_interval="step"),
+            StopOnSignal(_last_ckpt(run_dir), requeue=cfg.trainer.slurm_requeue and launcher_name == "slurm"),
         ]
     callbacks += [report, LoggerStepIsGlobalStep(), LoggedRowsInCheckpoint(), TrackingRunsInCheckpoint(),
-                  RecipeAsHyperparameters(cfg, log_now=not continuing), *progress_bar(cfg)]
-    if stage == "fit":
-        times = StepTimes(report)
-        callbacks.append(times)
-        if cfg.trainer.enable_progress_bar:
-            callbacks.append(ThroughputBar(times))
+                  RecipeAsHyperparameters(cfg, log_now=not continuing)]
+    times = StepTimes(report) if stage == "fit" else None
+    callbacks += [times] if times else []
+    callbacks += progress_bar(cfg, rate=(lambda: times.samples_per_s) if times else None)
     t = cfg.trainer
     optional = {
         k: v
@@ -492,10 +507,11 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
         default_root_dir=str(run_dir),
         enable_model_summary=False,
         use_distributed_sampler=False,  # the data module shards per rank (ImageTextDataModule._loader)
+        plugins=[launcher] if launcher is not None else None,  # SLURM's without Lightning's requeue handler
         **optional,
     )
     _bound_epochs_by_steps(trainer, cfg, datamodule, int(resume_state.get("epoch", 0)), int(resume_step or 0))
-    report.extra["world_size"] = trainer.world_size
+    report.extra.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes, launcher=launcher_name)
     return Run(cfg, run_dir, bundle, datamodule, method, trainer, report, resume_from=resume_ckpt, resume_step=resume_step or 0)
 
 
@@ -538,7 +554,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     """Train, validate at the end if the last step was not validated, save the last
     checkpoint, write report.json and the training curves. Returns the report."""
     run = build_run(cfg, "fit")
-    with _removed_if_failed(run):
+    with _removed_if_failed(run), cluster.explain_lost_process(run.trainer.world_size, run.run_dir, cfg.trainer.collective_timeout_s):
         return _fit(run)
 
 
@@ -559,8 +575,15 @@ def _fit(run: Run) -> dict[str, Any]:
     step_at_start = run.resume_step
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
-    trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None,
-                weights_only=not cfg.run.trust_checkpoint)  # a .ckpt; DeepSpeed reads through clipft.strategies
+    try:
+        trainer.fit(run.method, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None,
+                    weights_only=not cfg.run.trust_checkpoint)  # a .ckpt; DeepSpeed reads through clipft.strategies
+    except Preempted as stop:  # checkpoint saved at a step boundary: no final validation, report and go
+        run.report.extra.update(preempted={"signal": stop.signame, "step": stop.step}, steps=stop.step,
+                                last_checkpoint=os.path.relpath(stop.checkpoint, run.run_dir),
+                                resumed_from=str(run.resume_from) if run.resume_from else None)
+        run.report.write(trainer)
+        return _with_paths(run, {**run.report.extra, "metrics": run.report.metrics})
     train_time = time.perf_counter() - start
     validated = run.report.extra.get("global_step") != trainer.global_step
     if validated:

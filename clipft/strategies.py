@@ -10,6 +10,7 @@ Both read a checkpoint on resume through :mod:`clipft.models.checkpoint_io`
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from typing import Any, Union
 
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
@@ -85,11 +86,16 @@ class CPUDeepSpeedStrategy(SafeDeepSpeedStrategy):
 
 
 def build_strategy(cfg: TrainerConfig) -> Union[str, Strategy]:
-    """The strategy of ``trainer.strategy``: a Lightning name (auto, ddp, ...) as it is, or a
-    DeepSpeed ZeRO strategy (on CPU, :class:`CPUDeepSpeedStrategy` with gloo)."""
+    """The strategy of ``trainer.strategy``: DDP or a DeepSpeed ZeRO strategy (on CPU,
+    :class:`CPUDeepSpeedStrategy` with gloo) whose collectives fail after
+    ``trainer.collective_timeout_s``; any other Lightning name (auto, fsdp, ...) as it is."""
+    timeout = timedelta(seconds=cfg.collective_timeout_s)
+    if cfg.strategy == "ddp":
+        return DDPStrategy(timeout=timeout)
     if cfg.strategy not in DEEPSPEED_STRATEGIES:
         return cfg.strategy
-    kwargs = dict(DEEPSPEED_STRATEGIES[cfg.strategy], exclude_frozen_parameters=cfg.exclude_frozen_parameters)
+    kwargs = dict(DEEPSPEED_STRATEGIES[cfg.strategy], exclude_frozen_parameters=cfg.exclude_frozen_parameters,
+                  timeout=timeout)
     if cfg.accelerator == "cpu":
         return CPUDeepSpeedStrategy(**kwargs, process_group_backend="gloo")
     return SafeDeepSpeedStrategy(**kwargs)

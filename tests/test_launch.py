@@ -30,7 +30,8 @@ def test_slurm_script_counts_are_the_recipes(capsys: pytest.CaptureFixture[str])
 def test_torchrun_command_and_unusable_counts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", RECIPE, *NODES, "--launcher", "torchrun"]) == 0
     command = capsys.readouterr().out
-    assert "--nnodes=3" in command and "--nproc_per_node=4" in command
+    assert "--nnodes=3" in command and "--nproc-per-node=4" in command and "--rdzv-backend=c10d" in command
+    assert command.rstrip().endswith(f"-m clipft fit {RECIPE} {' '.join(NODES)}")  # tests/test_multinode.py runs this form
     assert main(["info", RECIPE, "include=configs/trainer/ddp.yaml", "--launcher", "slurm"]) == 2  # devices -1
     assert "trainer.devices=-1: a launcher needs the number of devices per node" in capsys.readouterr().err
 

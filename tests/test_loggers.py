@@ -238,11 +238,14 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path, monkeypatch: pyt
     assert offline[0].name.endswith("-" + state["tracking_runs"]["wandb"])
 
 
-def test_the_progress_bar_leaves_out_the_trackers_run_ids() -> None:
+def test_the_progress_bar_shows_samples_per_second_and_no_run_id() -> None:
     from types import SimpleNamespace
 
-    assert clipft_loggers.progress_bar(load_config(QUICKSTART, [])) == []  # csv + tensorboard: no run id to hide
-    (bar,) = clipft_loggers.progress_bar(load_config(QUICKSTART, ["run.loggers=[csv,mlflow]"]))
+    assert clipft_loggers.progress_bar(load_config(QUICKSTART, ["trainer.enable_progress_bar=false"])) == []
+    (bar,) = clipft_loggers.progress_bar(load_config(QUICKSTART, ["run.loggers=[csv,mlflow]"]), rate=lambda: 123.4)
     trainer = SimpleNamespace(loggers=[SimpleNamespace(version=""), SimpleNamespace(version="0123456789abcdef")],
-                              progress_bar_metrics={"train/loss": 1.5})
-    assert bar.get_metrics(trainer, None) == {"train/loss": 1.5}  # Lightning's bar shows v_num: cdef
+                              progress_bar_metrics={"train/loss": 1.5}, training=True)
+    # Lightning's bar would show v_num: cdef
+    assert bar.get_metrics(trainer, None) == {"train/loss": 1.5, "samples/s": "123"}
+    trainer.training = False  # validating: no training throughput
+    assert bar.get_metrics(trainer, None) == {"train/loss": 1.5}

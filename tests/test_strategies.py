@@ -4,6 +4,7 @@ on CPU (2 processes, gloo) of a method with a frozen teacher."""
 from __future__ import annotations
 
 import csv
+from datetime import timedelta
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from clipft.cli import main
 from clipft.config import load_config
@@ -46,9 +48,13 @@ def test_deepspeed_configs_build_the_expected_strategy(name: str, stage: int, of
     assert trainer.strategy.config["bf16"] == {"enabled": True}
 
 
-def test_ddp_config_and_plain_names_pass_through() -> None:
-    cfg = load_config(None, ["include=configs/trainer/ddp.yaml"])
-    assert build_strategy(cfg.trainer) == "ddp" and cfg.trainer.devices == -1
+def test_ddp_and_deepspeed_get_the_collective_timeout_and_other_names_pass_through() -> None:
+    cfg = load_config(None, ["include=configs/trainer/ddp.yaml", "trainer.collective_timeout_s=90"])
+    ddp = build_strategy(cfg.trainer)
+    assert isinstance(ddp, DDPStrategy) and ddp._timeout == timedelta(seconds=90) and cfg.trainer.devices == -1
+    zero = build_strategy(load_config(None, ["include=configs/trainer/deepspeed_zero3.yaml"]).trainer)
+    assert zero._timeout == timedelta(seconds=1800)  # the default: torch's and Lightning's
+    assert build_strategy(load_config(None, ["trainer.strategy=fsdp"]).trainer) == "fsdp"
 
 
 RECIPE = "recipes/clip_refine.yaml"

@@ -382,9 +382,11 @@ class ContrastiveMethod(L.LightningModule):
         batch_size = len(batch)
         # by logged name, for the divergence guard to name a term that goes non-finite
         self.step_terms = {f"train/{name}": value.detach() for name, value in terms.items()}
+        # averaged over the devices (each computes the loss of its own rows against every
+        # device's batch): the logged loss is the global batch's, as one device would log it
         for name, value in self.step_terms.items():
-            self.log(name, value, batch_size=batch_size)
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+            self.log(name, value, batch_size=batch_size, sync_dist=True)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/logit_scale", self.logit_scale.detach(), batch_size=batch_size)
         return total
 

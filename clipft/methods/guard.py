@@ -210,7 +210,9 @@ class DivergenceGuard(L.Callback):
         as it was."""
         self._settle(trainer)
         # the optimizer's state, not the callbacks': ±inf is a valid "no best score yet"
-        self._agree(trainer, pl_module, list(_tensors(checkpoint.get("optimizer_states", []))), "before a save")
+        zero3 = _zero3_optimizer(trainer)
+        states = _zero3_states(zero3) if zero3 is not None else list(_tensors(checkpoint.get("optimizer_states", [])))
+        self._agree(trainer, pl_module, states, "before a save")
 
     def _agree(self, trainer: L.Trainer, pl_module: L.LightningModule, extra: list[Tensor], where: str) -> None:
         """Stop if any rank holds a non-finite weight (its shard under ZeRO-3), EMA weight or
@@ -286,9 +288,41 @@ def _saved_step(path: Path) -> Optional[int]:
 
 
 def _local_weights(module: torch.nn.Module) -> Iterator[Tensor]:
-    """The parameters as this rank holds them: its shard under ZeRO-3, else the whole tensor."""
+    """The parameters as this rank holds them: its shard under ZeRO-3 (without the padding),
+    else the whole tensor."""
     for param in module.parameters():
-        yield getattr(param, "ds_tensor", param).detach()
+        shard = getattr(param, "ds_tensor", None)
+        yield param.detach() if shard is None else shard.detach()[: _shard_elements(param)]
+
+
+def _shard_elements(param: Tensor) -> int:
+    """How many elements of this rank's ZeRO-3 shard belong to the parameter. A shard holds
+    ceil(numel / world) elements; past the parameter's end it is padding that DeepSpeed leaves
+    uninitialised (a NaN there is no divergence: a 1-element logit scale on 2 ranks is all
+    padding on rank 1)."""
+    size = param.ds_tensor.numel()  # type: ignore[attr-defined]
+    rank = torch.distributed.get_rank(param.ds_process_group) if torch.distributed.is_initialized() else 0  # type: ignore[attr-defined]
+    return max(0, min(size, param.ds_numel - rank * size))  # type: ignore[attr-defined]
+
+
+def _zero3_optimizer(trainer: L.Trainer) -> Any:
+    """DeepSpeed's ZeRO-3 optimizer of the run (also after a validation outside fit, whose
+    engine has none), or None."""
+    engine = getattr(trainer.strategy, "deepspeed_engine", None)
+    candidates = [getattr(engine, "optimizer", None), *trainer.optimizers]
+    return next((o for o in candidates if hasattr(o, "fp32_partitioned_groups_flat")), None)
+
+
+def _zero3_states(optimizer: Any) -> list[Tensor]:
+    """This rank's fp32 master partitions and their optimizer states (Adam's moments) under
+    ZeRO-3, without the padding: each flat partition is its sub-group's parameter shards end
+    to end."""
+    out: list[Tensor] = []
+    for flat, params in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_groups):
+        keep = torch.cat([torch.arange(p.ds_tensor.numel()) < _shard_elements(p) for p in params])
+        states = [t for t in optimizer.optimizer.state.get(flat, {}).values() if isinstance(t, Tensor)]
+        out += [t[keep.to(t.device)] for t in (flat, *states) if t.shape == keep.shape]
+    return out
 
 
 def _tensors(tree: Any) -> Iterator[Tensor]:
