@@ -770,15 +770,17 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
     except OmegaConfBaseException as err:
         raise ConfigError(f"could not resolve interpolation: {err}") from err
     _check_choices(cfg)
-    source = data_source(cfg.data.source)
-    for i, task in enumerate(cfg.eval.zeroshot):
-        data_source(task.source, f"eval.zeroshot[{i}].source", labelled=True)
     _check_values(cfg)
     for name in cfg.run.loggers:
         if name not in LOGGERS:
             raise not_one_of("run.loggers", name, LOGGERS)
     classes = cfg.data.classes
-    if classes.enabled and not source.labelled:
+    # The sources register when clipft.data is imported (the CLI, the runner and clipft.methods
+    # do); a script that composes without it gets these checks from the data module instead.
+    source = data_source(cfg.data.source) if _DATA_SOURCES else None
+    for i, task in enumerate(cfg.eval.zeroshot if _DATA_SOURCES else []):
+        data_source(task.source, f"eval.zeroshot[{i}].source", labelled=True)
+    if classes.enabled and source is not None and not source.labelled:
         *others, last = data_source_names(labelled=True)
         raise ConfigError(f"data.classes: class-labelled data comes from {', '.join(others)} or {last} sources, "
                           f"not {cfg.data.source}")
@@ -789,7 +791,7 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
     for i, task in enumerate(cfg.eval.zeroshot):
         if task.templates and task.template_set:
             raise ConfigError(f"eval.zeroshot[{i}]: give templates or template_set, not both")
-    if check_data:
+    if check_data and _DATA_SOURCES:
         _check_data_given(cfg)
     return cfg
 
