@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from clipft.config import ConfigError, RunConfig, lightning_precision, to_dict, to_yaml
 from clipft.data.datamodule import ImageTextDataModule
@@ -555,11 +556,16 @@ def _fit(run: Run) -> dict[str, Any]:
                 weights_only=not cfg.run.trust_checkpoint)  # a .ckpt; DeepSpeed reads through clipft.strategies
     train_time = time.perf_counter() - start
     validated = run.report.extra.get("global_step") != trainer.global_step
+    last = _last_ckpt(run.run_dir)
+    # DeepSpeed's validate() outside fit rebuilds the engine for inference, without the optimizer:
+    # a checkpoint saved after it would lack the training state, so save before it there.
+    inference_engine = validated and isinstance(trainer.strategy, DeepSpeedStrategy)
+    if inference_engine and trainer.strategy.broadcast(_checkpoint_step(last if last.exists() else None) != trainer.global_step):
+        trainer.save_checkpoint(last)
     if validated:
         trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
-    last = _last_ckpt(run.run_dir)
     # saved again after a final validation too, so that it records the metrics rows logged
-    stale = validated or _checkpoint_step(last if last.exists() else None) != trainer.global_step
+    stale = (validated and not inference_engine) or _checkpoint_step(last if last.exists() else None) != trainer.global_step
     if trainer.strategy.broadcast(stale):  # rank 0 decides; every rank joins the save
         trainer.save_checkpoint(last)  # the run ended between checkpoints (a full checkpoint: weights and training state)
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]

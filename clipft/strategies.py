@@ -83,6 +83,24 @@ class CPUDeepSpeedStrategy(SafeDeepSpeedStrategy):
         )
         return engine, optimizer
 
+    def _initialize_deepspeed_inference(self, model: Any) -> None:
+        # A validation outside fit (the runner's final one) builds an inference engine with
+        # device_rank = root_device.index as well: None on a CPU, where DeepSpeed wants an int.
+        import deepspeed
+
+        initialize = deepspeed.initialize
+
+        def with_device_rank(*args: Any, **kwargs: Any) -> Any:
+            if getattr(kwargs.get("args"), "device_rank", 0) is None:
+                kwargs["args"].device_rank = self.local_rank
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = with_device_rank
+        try:
+            super()._initialize_deepspeed_inference(model)
+        finally:
+            deepspeed.initialize = initialize
+
 
 def build_strategy(cfg: TrainerConfig) -> Union[str, Strategy]:
     """The strategy of ``trainer.strategy``: a Lightning name (auto, ddp, ...) as it is, or a

@@ -13,7 +13,8 @@ A method subclasses :class:`ContrastiveMethod`, registers itself with
 The base does the rest once: encoding in micro-batches (``trainer.micro_batch_size``),
 gathering features across devices with gradients, the weighted sum of the terms (each
 logged as ``train/<term>``), AdamW parameter groups without weight decay on biases, norms,
-the logit scale and embeddings, linear warm-up + cosine schedule, the logit-scale clamp
+the logit scale and embeddings and with per-parameter learning-rate multipliers
+(``optim.layer_decay``, ``optim.lr_multipliers``; docs/finetuning.md), linear warm-up + cosine schedule, the logit-scale clamp
 after each optimizer step (as open_clip's training loop), frozen teachers and an EMA of the
 model (``method.ema_momentum``) that work under DDP and DeepSpeed ZeRO-3.
 """
