@@ -419,6 +419,8 @@ def _assemble_run(cfg: RunConfig, stage: str, run_dir: Path, resume_ckpt: Option
         resume_state = read_training_state(resume_ckpt) if resume_ckpt is not None and resume_ckpt.suffix != ".safetensors" else {}
     resume_step = resume_state.get("global_step")
     datamodule.resume_batches = int(resume_step or 0) * cfg.trainer.accumulate_grad_batches
+    position = (resume_state.get(type(datamodule).__qualname__) or {}).get("train_position")
+    datamodule.resume_position = (int(position[0]), int(position[1])) if position is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg, resumed=resume_ckpt is not None)
     report = RunReport(
