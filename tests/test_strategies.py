@@ -179,3 +179,41 @@ def test_lr_groups_survive_zero_and_are_logged(tmp_path: Path, zero: str, device
                                     "lr-AdamW/no_decay_x0.5": 5e-3, "lr-AdamW/decay_x0.25": 2.5e-3,
                                     "lr-AdamW/no_decay_x0.25": 2.5e-3, "lr-AdamW/decay_x0.125": 1.25e-3,
                                     "lr-AdamW/no_decay_x0.125": 1.25e-3, "lr-AdamW/no_decay_x0.1": 1e-3})
+
+
+def _resume_args(strategy: str, devices: int, steps: int, out: Path) -> list[str]:
+    include = [] if strategy == "ddp" else [f"include=configs/trainer/{strategy}.yaml"]
+    return [*include, f"trainer.strategy={'ddp' if strategy == 'ddp' else 'deepspeed_stage_' + strategy[-1]}",
+            "trainer.accelerator=cpu", "trainer.precision=fp32", f"trainer.devices={devices}",
+            # the same 16 pairs per step on 1 or 2 devices, so both runs can be compared exactly
+            f"data.batch_size={16 // devices}", "data.synthetic.train_size=256", "eval.zeroshot=[]",
+            "eval.compositional.source=null", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+            "data.num_workers=0", "run.plot=false", "trainer.log_every_n_steps=1", f"trainer.max_steps={steps}",
+            "optim.lr=1e-3", "optim.warmup_fraction=0", f"run.out_dir={out}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,before,after", [
+    ("deepspeed_zero2", 2, 1), ("deepspeed_zero3", 1, 2), ("ddp", 2, 1),
+])
+def test_resume_on_another_number_of_devices_continues_the_run(tmp_path: Path, strategy: str, before: int, after: int) -> None:
+    """A run stopped after 2 steps on `before` devices and resumed to 4 on `after` (same 16
+    pairs per step) ends with the weights of the uninterrupted run: the optimizer state came
+    back (ZeRO: resharded, docs/scale.md) and no sample of the interrupted epoch was repeated.
+    Without the Adam moments the 3rd step would move every weight by about lr: far off."""
+    def fit(devices: int, steps: int, out: Path, *extra: str) -> None:
+        command = [sys.executable, "-m", "clipft", "fit", "recipes/quickstart.yaml",
+                   *_resume_args(strategy, devices, steps, out), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    fit(before, 4, tmp_path / "once")
+    fit(before, 2, tmp_path / "split")
+    fit(after, 4, tmp_path / "split", "run.resume=last")
+    last = [next((tmp_path / d).glob("quickstart/*")) / "checkpoints" / "last.ckpt" for d in ("once", "split")]
+    once, resumed = read_state_dict(last[0]), read_state_dict(last[1])
+    start = build_model(load_config("recipes/quickstart.yaml", []).model).model.state_dict()
+    for name in ("visual.conv1.weight", "transformer.resblocks.1.mlp.c_fc.weight", "visual.proj", "ln_final.weight"):
+        moved = (once[name] - start[name]).abs().max().item()
+        assert moved > 1e-3, name  # 4 steps at lr 1e-3
+        assert (resumed[name] - once[name]).abs().max().item() < 0.02 * moved, name
