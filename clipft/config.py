@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -280,6 +281,15 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant (after warm-up)
     min_lr: float = 0.0
     logit_scale_max: float = 100.0  # clamp of exp(logit_scale) after each step, as open_clip
+    # Layer-wise lr decay γ (BEiT / FT-CLIP: 0.6-0.75): a parameter at depth d of a tower gets
+    # lr·γ^(N+1−d): embeddings d=0, block i d=i+1, projections / final norm / logit scale the top
+    # N+1 (lr itself); N = the deeper tower's blocks, the other tower's depths scaled onto it
+    # (docs/finetuning.md). null: off.
+    layer_decay: Optional[float] = None
+    # lr multipliers by parameter-name pattern (a regular expression searched in the open_clip
+    # name, e.g. {visual: 1.0, transformer: 0.5, logit_scale: 0.1}): the first pattern that
+    # matches, in the order written, sets the multiplier (times layer_decay's); no match: 1.0.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -562,8 +572,9 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override '{item}' must have the form key=value (for example optim.lr=1e-4)")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"could not parse overrides {overrides}: {err}") from err
+    except (OmegaConfBaseException, yaml.YAMLError) as err:  # YAML: a bad escape in a "quoted" value
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"could not parse overrides {overrides}: {first} (in YAML, quote a backslash with '...')") from err
 
 
 def _check_keys(data: Any, schema: Any, prefix: str, source: str) -> None:
@@ -679,6 +690,9 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two values in [0, 1)"),
         (cfg.optim.logit_scale_max > 0, "optim.logit_scale_max", "must be > 0"),
+        (cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1, "optim.layer_decay",
+         "must be in (0, 1] (null: off)"),
+        (all(v >= 0 for v in cfg.optim.lr_multipliers.values()), "optim.lr_multipliers", "multipliers must be >= 0"),
         (cfg.model.logit_scale is None or 0 < cfg.model.logit_scale <= cfg.optim.logit_scale_max, "model.logit_scale",
          "must be in (0, optim.logit_scale_max]"),
         (len(cfg.eval.retrieval.ks) > 0 and all(k > 0 for k in cfg.eval.retrieval.ks), "eval.retrieval.ks", "must be positive"),
@@ -690,6 +704,12 @@ def _check_values(cfg: DictConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message} (got {OmegaConf.select(cfg, key.split('[')[0])!r})")
+    for pattern in cfg.optim.lr_multipliers:
+        try:
+            re.compile(str(pattern))
+        except re.error as err:
+            raise ConfigError(f"optim.lr_multipliers: pattern {pattern!r} is not a regular expression ({err}); "
+                              "escape special characters, e.g. 'visual\\.proj'") from err
 
 
 def _check_choices(cfg: DictConfig) -> None:

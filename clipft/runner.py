@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from clipft import cluster
 from clipft.config import ConfigError, RunConfig, lightning_precision, to_dict, to_yaml
@@ -439,6 +440,8 @@ def _assemble_run(
         resume_state = read_training_state(resume_ckpt) if resume_ckpt is not None and resume_ckpt.suffix != ".safetensors" else {}
     resume_step = resume_state.get("global_step")
     datamodule.resume_batches = int(resume_step or 0) * cfg.trainer.accumulate_grad_batches
+    position = (resume_state.get(type(datamodule).__qualname__) or {}).get("train_position")
+    datamodule.resume_position = (int(position[0]), int(position[1])) if position is not None else None
     if rank_zero:  # the other ranks write nothing here (Lightning's loggers and checkpoints: rank 0 too)
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(run_dir, cfg, resumed=resume_ckpt is not None)
@@ -586,11 +589,16 @@ def _fit(run: Run) -> dict[str, Any]:
         return _with_paths(run, {**run.report.extra, "metrics": run.report.metrics})
     train_time = time.perf_counter() - start
     validated = run.report.extra.get("global_step") != trainer.global_step
+    last = _last_ckpt(run.run_dir)
+    # DeepSpeed's validate() outside fit rebuilds the engine for inference, without the optimizer:
+    # a checkpoint saved after it would lack the training state, so save before it there.
+    inference_engine = validated and isinstance(trainer.strategy, DeepSpeedStrategy)
+    if inference_engine and trainer.strategy.broadcast(_checkpoint_step(last if last.exists() else None) != trainer.global_step):
+        trainer.save_checkpoint(last)
     if validated:
         trainer.validate(run.method, datamodule=run.datamodule, verbose=False)
-    last = _last_ckpt(run.run_dir)
     # saved again after a final validation too, so that it records the metrics rows logged
-    stale = validated or _checkpoint_step(last if last.exists() else None) != trainer.global_step
+    stale = (validated and not inference_engine) or _checkpoint_step(last if last.exists() else None) != trainer.global_step
     if trainer.strategy.broadcast(stale):  # rank 0 decides; every rank joins the save
         trainer.save_checkpoint(last)  # the run ended between checkpoints (a full checkpoint: weights and training state)
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")  # type: ignore[attr-defined]

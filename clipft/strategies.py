@@ -10,13 +10,27 @@ Both read a checkpoint on resume through :mod:`clipft.models.checkpoint_io`
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Union
+
+import torch
 
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 from clipft.config import TrainerConfig
-from clipft.models import checkpoint_io
+from clipft.models import checkpoint_io, zero_checkpoint
+from clipft.models.errors import ModelError
+from clipft.models.factory import read_training_state
+
+log = logging.getLogger(__name__)
+# what DeepSpeed keeps for itself in a model-states file; the rest is Lightning's client state
+_DEEPSPEED_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                   "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+                   "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+                   "checkpoint_parallel_dimensions", "ds_config", "ds_version")
 
 # trainer.strategy -> DeepSpeedStrategy arguments (Lightning's registry names)
 DEEPSPEED_STRATEGIES: dict[str, dict[str, Any]] = {
@@ -53,7 +67,86 @@ class SafeDeepSpeedStrategy(DeepSpeedStrategy):
         engine = self.deepspeed_engine
         if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
             engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+        if Path(checkpoint_path).is_dir() and zero_checkpoint.saved_world_size(checkpoint_path) != self.world_size:
+            return self._load_resharded(Path(checkpoint_path))
         return super().load_checkpoint(checkpoint_path, weights_only)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+        # A folder written before by more ranks (a run resumed on fewer devices) keeps their
+        # shard files: remove them, so that the folder holds one consistent checkpoint.
+        if self.is_global_zero and Path(filepath).is_dir():
+            folder = zero_checkpoint.tag_folder(filepath)
+            for stale in folder.glob("zero_pp_rank_*_mp_rank_*.pt"):
+                rank = re.match(r"zero_pp_rank_(\d+)_", stale.name)
+                if rank is not None and int(rank.group(1)) >= self.world_size:
+                    stale.unlink()
+        self.barrier("clipft_zero_cleanup")
+
+    def _load_resharded(self, path: Path) -> dict[str, Any]:
+        """A ZeRO folder written by another number of ranks (DeepSpeed refuses: "The checkpoint
+        being loaded used a DP world size of 2 but the current world size is 1"): every rank
+        gathers the full fp32 weights and Adam moments from all the saved shards (through the
+        safe loader, :mod:`clipft.models.zero_checkpoint`) and writes them into its own
+        partitions with DeepSpeed's ``safe_set_full_*`` functions, then the optimizer's step
+        count; Lightning's state (loops, scheduler, callbacks) comes from rank 0's model-states
+        file as usual."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        saved = zero_checkpoint.saved_world_size(path)
+        log.info("resuming a ZeRO checkpoint written by %d ranks on %d: resharding its weights and optimizer state",
+                 saved, self.world_size)
+        weights = zero_checkpoint.consolidate(path)
+        moments, step = zero_checkpoint.consolidate_optimizer(path)
+        _create_optimizer_states(self.deepspeed_engine.optimizer, step, tuple(moments))
+        module = self.lightning_module
+        missing = []
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if name not in weights:
+                    missing.append(name)
+                    continue
+                value = weights[name].to(param.device)
+                if hasattr(param, "ds_id"):  # ZeRO-3: the partitioned low-precision copy
+                    import deepspeed
+
+                    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                        param.data.copy_(value.to(param.dtype))
+                else:
+                    param.data.copy_(value.to(param.dtype))
+                if param.requires_grad:
+                    safe_set_full_fp32_param(param, value.float())
+                    for key, by_name in moments.items():
+                        safe_set_full_optimizer_state(param, by_name[name].to(param.device).float(), key)
+            for name, buffer in module.named_buffers():
+                if name in weights:
+                    buffer.copy_(weights[name].to(buffer))
+        if missing and module.strict_loading:
+            raise ModelError(f"DeepSpeed checkpoint '{path}' lacks {len(missing)} weights of the model, e.g. {missing[0]}")
+        self.deepspeed_engine.global_steps = step
+        client = dict(read_training_state(path))
+        for key in _DEEPSPEED_KEYS:
+            client.pop(key, None)
+        return client
+
+
+def _create_optimizer_states(zero_optimizer: Any, step: int, keys: tuple[str, ...]) -> None:
+    """Adam's state for each flat fp32 partition of a fresh ZeRO optimizer (DeepSpeed makes it
+    at the first step), at ``step``, so that ``safe_set_full_optimizer_state`` has a place to
+    write the resharded moments into; ZeRO-1/2 then link each parameter to its fragment."""
+    inner = zero_optimizer.optimizer  # the wrapped torch optimizer
+    flats = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = zero_optimizer.fp32_partitioned_groups_flat  # ZeRO-3
+    fused = any(group.get("fused") or group.get("capturable") for group in inner.param_groups)
+    for flat in flats:
+        state = inner.state[flat]
+        for key in keys:
+            state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+        state["step"] = torch.tensor(float(step), device=flat.device if fused else "cpu")
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
 class CPUDeepSpeedStrategy(SafeDeepSpeedStrategy):
@@ -83,6 +176,24 @@ class CPUDeepSpeedStrategy(SafeDeepSpeedStrategy):
             model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False,
         )
         return engine, optimizer
+
+    def _initialize_deepspeed_inference(self, model: Any) -> None:
+        # A validation outside fit (the runner's final one) builds an inference engine with
+        # device_rank = root_device.index as well: None on a CPU, where DeepSpeed wants an int.
+        import deepspeed
+
+        initialize = deepspeed.initialize
+
+        def with_device_rank(*args: Any, **kwargs: Any) -> Any:
+            if getattr(kwargs.get("args"), "device_rank", 0) is None:
+                kwargs["args"].device_rank = self.local_rank
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = with_device_rank
+        try:
+            super()._initialize_deepspeed_inference(model)
+        finally:
+            deepspeed.initialize = initialize
 
 
 def build_strategy(cfg: TrainerConfig) -> Union[str, Strategy]:

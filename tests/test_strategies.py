@@ -150,3 +150,78 @@ def test_lora_under_zero3_saves_only_the_adapters_and_resumes(tmp_path: Path) ->
     assert torch.equal(state["visual.conv1.weight"], start["visual.conv1.weight"])
     assert not torch.equal(state["transformer.resblocks.0.attn.in_proj_weight"],
                            start["transformer.resblocks.0.attn.in_proj_weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero,devices", [("deepspeed_zero2", 2), ("deepspeed_zero3", 2)])
+def test_lr_groups_survive_zero_and_are_logged(tmp_path: Path, zero: str, devices: int) -> None:
+    """optim.layer_decay + optim.lr_multipliers under ZeRO on CPU: one AdamW step (no weight
+    decay) moves each parameter by its own learning rate, read back from the sharded folder,
+    and each group's lr is logged under its name (lr-AdamW/<group>)."""
+    import lightning as L
+
+    args = [f"include=configs/trainer/{zero}.yaml", "trainer.accelerator=cpu", "trainer.precision=fp32",
+            f"trainer.devices={devices}", "data.batch_size=16", "eval.zeroshot=[]", "eval.compositional.source=null",
+            "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "data.num_workers=0", "run.plot=false",
+            "trainer.log_every_n_steps=1", "trainer.max_steps=1", "optim.lr=1e-2", "optim.weight_decay=0",
+            "optim.layer_decay=0.5", "optim.warmup_fraction=0", "optim.schedule=constant",
+            "optim.lr_multipliers={logit_scale: 0.1}", f"run.out_dir={tmp_path}"]
+    result = subprocess.run([sys.executable, "-m", "clipft", "fit", "recipes/quickstart.yaml", *args],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next(tmp_path.glob("quickstart/*"))
+    L.seed_everything(0, workers=True, verbose=False)  # the run's seed: its starting weights
+    start = build_model(load_config("recipes/quickstart.yaml", []).model).model.state_dict()
+    state = read_state_dict(run / "checkpoints" / "last.ckpt")
+    depth = {"visual.conv1.weight": 0, "token_embedding.weight": 0, "visual.transformer.resblocks.0.attn.in_proj_weight": 1,
+             "transformer.resblocks.1.mlp.c_fc.weight": 2, "visual.proj": 3, "ln_final.weight": 3}
+    for name, d in depth.items():
+        moved = (state[name] - start[name]).abs().max().item()
+        assert moved == pytest.approx(1e-2 * 0.5 ** (3 - d), rel=1e-3), name
+    assert (state["logit_scale"] - start["logit_scale"]).abs().item() == pytest.approx(1e-3, rel=1e-3)
+    with open(run / "metrics.csv") as f:
+        logged = {k: float(v) for row in csv.DictReader(f) for k, v in row.items() if k.startswith("lr-") and v}
+    assert logged == pytest.approx({"lr-AdamW/decay_x1": 1e-2, "lr-AdamW/no_decay_x1": 1e-2, "lr-AdamW/decay_x0.5": 5e-3,
+                                    "lr-AdamW/no_decay_x0.5": 5e-3, "lr-AdamW/decay_x0.25": 2.5e-3,
+                                    "lr-AdamW/no_decay_x0.25": 2.5e-3, "lr-AdamW/decay_x0.125": 1.25e-3,
+                                    "lr-AdamW/no_decay_x0.125": 1.25e-3, "lr-AdamW/no_decay_x0.1": 1e-3})
+
+
+def _resume_args(strategy: str, devices: int, steps: int, out: Path) -> list[str]:
+    include = [] if strategy == "ddp" else [f"include=configs/trainer/{strategy}.yaml"]
+    return [*include, f"trainer.strategy={'ddp' if strategy == 'ddp' else 'deepspeed_stage_' + strategy[-1]}",
+            "trainer.accelerator=cpu", "trainer.precision=fp32", f"trainer.devices={devices}",
+            # the same 16 pairs per step on 1 or 2 devices, so both runs can be compared exactly
+            f"data.batch_size={16 // devices}", "data.synthetic.train_size=256", "eval.zeroshot=[]",
+            "eval.compositional.source=null", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+            "data.num_workers=0", "run.plot=false", "trainer.log_every_n_steps=1", f"trainer.max_steps={steps}",
+            "optim.lr=1e-3", "optim.warmup_fraction=0", f"run.out_dir={out}"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(run=False, reason="ZeRO-2 2->1 ends with ln_final.weight 13% of its movement away from the "
+                   "uninterrupted run (the others within 2%); ZeRO-3 1->2 and DDP 2->1 not yet run; ~4 min a case")
+@pytest.mark.parametrize("strategy,before,after", [
+    ("deepspeed_zero2", 2, 1), ("deepspeed_zero3", 1, 2), ("ddp", 2, 1),
+])
+def test_resume_on_another_number_of_devices_continues_the_run(tmp_path: Path, strategy: str, before: int, after: int) -> None:
+    """A run stopped after 2 steps on `before` devices and resumed to 4 on `after` (same 16
+    pairs per step) ends with the weights of the uninterrupted run: the optimizer state came
+    back (ZeRO: resharded, docs/scale.md) and no sample of the interrupted epoch was repeated.
+    Without the Adam moments the 3rd step would move every weight by about lr: far off."""
+    def fit(devices: int, steps: int, out: Path, *extra: str) -> None:
+        command = [sys.executable, "-m", "clipft", "fit", "recipes/quickstart.yaml",
+                   *_resume_args(strategy, devices, steps, out), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    fit(before, 4, tmp_path / "once")
+    fit(before, 2, tmp_path / "split")
+    fit(after, 4, tmp_path / "split", "run.resume=last")
+    last = [next((tmp_path / d).glob("quickstart/*")) / "checkpoints" / "last.ckpt" for d in ("once", "split")]
+    once, resumed = read_state_dict(last[0]), read_state_dict(last[1])
+    start = build_model(load_config("recipes/quickstart.yaml", []).model).model.state_dict()
+    for name in ("visual.conv1.weight", "transformer.resblocks.1.mlp.c_fc.weight", "visual.proj", "ln_final.weight"):
+        moved = (once[name] - start[name]).abs().max().item()
+        assert moved > 1e-3, name  # 4 steps at lr 1e-3
+        assert (resumed[name] - once[name]).abs().max().item() < 0.02 * moved, name

@@ -128,6 +128,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_epoch_samples = 0
         self.skipped_samples = 0  # bad training samples skipped while streaming shards (this process)
         self.resume_batches = 0  # batches a resumed run has trained (set by the runner)
+        # where the training order stood in the checkpoint: (data epoch, position in samples)
+        self.resume_position: Optional[tuple[int, int]] = None
         self.hard_neighbours: Optional[torch.Tensor] = None  # [N, k] (data.hard_images), set by the runner
         self.val_fetch: Optional[Callable[[int], Any]] = None
         self.classes: Optional[ClassSet] = None  # class-based sources (data.classes)
@@ -216,7 +218,7 @@ class ImageTextDataModule(L.LightningDataModule):
         batches: dict[str, Any] = {"batch_size": batch_size, "drop_last": train}
         if train:  # a shuffled 1/world of the samples per rank, none twice, resumable
             sampler = TrainingOrder(len(dataset), world, rank, self.seed, batch_size)  # type: ignore[arg-type]
-            sampler.start_at(self._trained_batches())
+            sampler.start_at(*self._training_start())
             if self.hard_neighbours is not None:  # each batch followed by its pairs' hard images
                 batches = {"batch_sampler": WithHardImages(sampler, batch_size, self.hard_neighbours, self.seed)}
                 sampler = None
@@ -286,6 +288,28 @@ class ImageTextDataModule(L.LightningDataModule):
         step = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
         return max(self.resume_batches, step)
 
+    def _training_start(self) -> tuple[int, int, int]:
+        """(batches of this world, data epoch, position in samples) where the training order
+        starts: from the checkpoint's position (:attr:`resume_position`, counted in samples,
+        whatever the device count it was saved on) plus the batches trained since; for a
+        checkpoint without one, the batches the run has trained, on this device count."""
+        if self.resume_position is None:
+            return self._trained_batches(), 0, 0
+        return self._trained_batches() - self.resume_batches, *self.resume_position
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (Lightning calls it): where the training order stands, in
+        (data epoch, position in samples), for a resume on any number of devices."""
+        if self.train_fetch is None or self.train_shards is not None or getattr(self, "trainer", None) is None:
+            return {}
+        world, rank = self._world()
+        order = TrainingOrder(self.train_size(), world, rank, self.seed, self.cfg.batch_size)
+        batches, epoch, sample = self._training_start()
+        return {"train_position": list(order.advance(epoch, sample, batches)), "world_size": world}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The runner reads the position before training starts (:attr:`resume_position`)."""
+
     def train_dataloader(self) -> DataLoader:
         self.prepare_sources()
         if self.train_shards is not None:
@@ -324,36 +348,55 @@ class ImageTextDataModule(L.LightningDataModule):
 
 
 class TrainingOrder(Sampler[int]):
-    """The training order of one rank, as a stream that a resumed run continues exactly.
+    """The training order of one rank, as a stream that a resumed run continues exactly, on the
+    same number of devices or another.
 
     Data epoch e is a permutation of ``range(size)`` seeded by (seed, e), the same on every
-    rank; rank r takes every ``world``-th index from r, ``size // world`` in all (no sample
-    twice, every rank the same number of batches). Each iteration (one Lightning epoch)
-    yields the rest of the data epoch where the stream stands and moves it to the next one.
-    :meth:`start_at` puts the stream after the first n batches of the run, so a run resumed
-    after n batches trains on what the uninterrupted run would have, whatever the checkpoint
-    (mid-epoch or at the end of a run stopped by max_steps)."""
+    rank. The ``world`` ranks walk through it together in global batches of
+    ``batch_size·world`` consecutive positions: at position p, rank r takes positions
+    p + r, p + world + r, ... (``batch_size`` of them), and the epoch ends when fewer than
+    ``batch_size·world`` positions are left (no sample twice, every rank the same number of
+    batches). The stream's place is (data epoch, position in samples): counted in samples, so a
+    run saved on 2 devices and resumed on 1 (or the reverse) skips exactly the samples the
+    interrupted epoch has seen, whatever the new split. Each iteration (one Lightning epoch)
+    yields the rest of the data epoch from where the stream stands and moves it to the next one.
+    """
 
     def __init__(self, size: int, world: int, rank: int, seed: int, batch_size: int) -> None:
         self.size, self.world, self.rank, self.seed, self.batch_size = size, world, rank, seed, batch_size
         self.per_rank = size // world
-        self.batches_per_epoch = self.per_rank // batch_size
-        if self.batches_per_epoch == 0:
+        if self.per_rank // batch_size == 0:
             raise ValueError(
                 f"the training data has {size} samples, {self.per_rank} per device: fewer than one batch "
                 f"(data.batch_size={batch_size}); lower data.batch_size or add data"
             )
-        self.position = 0  # batches since the start of the run
+        self.epoch, self.sample = 0, 0  # where the stream stands
 
-    def start_at(self, batches: int) -> None:
-        self.position = batches
+    def advance(self, epoch: int, sample: int, batches: int) -> tuple[int, int]:
+        """(data epoch, position) after ``batches`` more batches per rank from (epoch, sample)."""
+        step = self.batch_size * self.world
+        while batches > 0:
+            left = (self.size - sample) // step  # global batches left in this data epoch
+            if batches < left:
+                return epoch, sample + batches * step
+            batches -= left
+            epoch, sample = epoch + 1, 0
+            full = self.size // step
+            epoch, batches = epoch + batches // full, batches % full
+        if (self.size - sample) // step == 0:  # nothing left of this epoch: the next one
+            epoch, sample = epoch + 1, 0
+        return epoch, sample
+
+    def start_at(self, batches: int, epoch: int = 0, sample: int = 0) -> None:
+        """Put the stream after ``batches`` batches (of this world) from (epoch, sample)."""
+        self.epoch, self.sample = self.advance(epoch, sample, batches)
 
     def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.position, self.batches_per_epoch)
-        self.position = (epoch + 1) * self.batches_per_epoch
+        epoch, sample = self.epoch, self.sample
+        self.epoch, self.sample = epoch + 1, 0
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-        mine = order[: self.per_rank * self.world][self.rank::self.world]
-        return iter(mine[offset * self.batch_size:].tolist())
+        end = sample + (self.size - sample) // self.world * self.world  # the loader drops a last partial batch
+        return iter(order[sample + self.rank:end:self.world].tolist())
 
     def __len__(self) -> int:
         return self.per_rank

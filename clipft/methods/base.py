@@ -13,7 +13,8 @@ A method subclasses :class:`ContrastiveMethod`, registers itself with
 The base does the rest once: encoding in micro-batches (``trainer.micro_batch_size``),
 gathering features across devices with gradients, the weighted sum of the terms (each
 logged as ``train/<term>``), AdamW parameter groups without weight decay on biases, norms,
-the logit scale and embeddings, linear warm-up + cosine schedule, the logit-scale clamp
+the logit scale and embeddings and with per-parameter learning-rate multipliers
+(``optim.layer_decay``, ``optim.lr_multipliers``; docs/finetuning.md), linear warm-up + cosine schedule, the logit-scale clamp
 after each optimizer step (as open_clip's training loop), frozen teachers and an EMA of the
 model (``method.ema_momentum``) that work under DDP and DeepSpeed ZeRO-3.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
@@ -35,6 +37,7 @@ from clipft.config import ConfigError, MethodConfig, RunConfig, from_dict, regis
 from clipft.data.batch import Batch
 from clipft.losses.contrastive import clip_contrastive_loss, siglip_loss
 from clipft.models import EMA_KEY, ModelBundle, build_model, keep_in_eval
+from clipft.models.layers import layer_decay_multipliers, tower_block_counts
 from clipft.models.lora import adapters_disabled, has_lora
 
 METHODS: dict[str, type["ContrastiveMethod"]] = {}
@@ -462,17 +465,74 @@ class ContrastiveMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
 
+    def lr_multipliers(self) -> dict[int, float]:
+        """The learning-rate multiplier of each trainable parameter (by ``id``): the layer-wise
+        decay γ^(N+1−depth) of ``optim.layer_decay`` (:mod:`clipft.models.layers`) times the
+        multiplier of the first ``optim.lr_multipliers`` pattern that the parameter's name
+        matches (``re.search`` in the open_clip name, ``visual.conv1.weight``; a method's own
+        parameters by their name in the method). A pattern that matches no trainable parameter
+        is a mistake (a typo, a frozen tower): :class:`ConfigError` naming it."""
+        optim = self.cfg.optim
+        decay: dict[str, float] = {}
+        if optim.layer_decay is not None:
+            model_names = [name for name, _ in self.model.named_parameters()]
+            if not any(tower_block_counts(model_names).values()):
+                raise ConfigError(
+                    f"optim.layer_decay={optim.layer_decay}: found no blocks (resblocks.<i>, blocks.<i>, layers.<i>) "
+                    f"in model {self.cfg.model.name}; set optim.layer_decay=null or use optim.lr_multipliers"
+                )
+            decay = layer_decay_multipliers(model_names, optim.layer_decay)
+        patterns = [(str(pattern), re.compile(str(pattern)), float(value)) for pattern, value in optim.lr_multipliers.items()]
+        matched: set[str] = set()
+        multipliers: dict[int, float] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            short = name[len("model."):] if name.startswith("model.") else name
+            multiplier = decay.get(short, 1.0)
+            for pattern, regex, value in patterns:
+                if regex.search(short):
+                    multiplier *= value
+                    matched.add(pattern)
+                    break
+            multipliers[id(param)] = multiplier
+        unmatched = [pattern for pattern, _, _ in patterns if pattern not in matched]
+        if unmatched:
+            example = next((n for n, p in self.model.named_parameters() if p.requires_grad), "none")
+            raise ConfigError(
+                f"optim.lr_multipliers: pattern {unmatched[0]!r} matches no trainable parameter of model "
+                f"{self.cfg.model.name} (patterns are searched in open_clip names such as {example!r}; "
+                "frozen towers are not trained); fix or remove it"
+            )
+        return multipliers
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
+        """AdamW parameter groups: one per (lr multiplier, weight decay or not) pair, each with
+        ``lr_scale`` (its multiplier of ``optim.lr``, see :meth:`lr_multipliers`) and a ``name``
+        that the lr log keys use (``lr-AdamW/<name>``): ``decay`` and ``no_decay`` without lr
+        multipliers, else ``decay_x<multiplier>`` and ``no_decay_x<multiplier>``, the largest
+        multiplier first."""
+        optim = self.cfg.optim
+        multipliers = self.lr_multipliers()
+        scaled = optim.layer_decay is not None or bool(optim.lr_multipliers)
+        found: dict[tuple[float, bool], list[nn.Parameter]] = {}
         for module_name, module in self.named_modules():
             for name, param in module.named_parameters(recurse=False):
                 if not param.requires_grad:
                     continue
                 full = f"{module_name}.{name}" if module_name else name
-                (no_decay if no_weight_decay(module, full, param) else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+                decayed = not no_weight_decay(module, full, param)
+                found.setdefault((multipliers[id(param)], decayed), []).append(param)
+        groups, names = [], set()
+        for multiplier, decayed in sorted(found, key=lambda key: (-key[0], not key[1])):
+            name = "decay" if decayed else "no_decay"
+            if scaled:
+                name = f"{name}_x{multiplier:.4g}"
+            while name in names:  # two multipliers that print alike
+                name += "'"
+            names.add(name)
+            groups.append({"params": found[(multiplier, decayed)], "weight_decay": optim.weight_decay if decayed else 0.0,
+                           "lr_scale": multiplier, "name": name})
         return groups
 
     def configure_optimizers(self) -> Any:
@@ -480,6 +540,8 @@ class ContrastiveMethod(L.LightningModule):
         groups = self.parameter_groups()
         if not any(g["params"] for g in groups):
             raise ValueError("no trainable parameters: check model.lock_image / model.lock_text")
+        for group in groups:  # each group's own base lr, which the schedule below scales
+            group["lr"] = optim.lr * group.get("lr_scale", 1.0)
         optimizer = torch.optim.AdamW(
             groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=optim.fused or None
         )

@@ -133,3 +133,37 @@ def _zero3_parameters(shapes: list[dict[str, Any]], flat: list[list[torch.Tensor
     if offset != ranks[0].numel():
         raise ValueError(f"the parameters take {offset} elements per rank but each rank holds {ranks[0].numel()}")
     return state
+
+
+def saved_world_size(path: PathLike) -> int:
+    """The number of data-parallel ranks that wrote a ZeRO checkpoint folder."""
+    return len(_rank_files(tag_folder(path), "*_optim_states.pt"))
+
+
+def _base_optimizer_state(optim: dict[str, Any]) -> dict[str, Any]:
+    # ZeRO-1/2: base_optimizer_state; ZeRO-3: optimizer_state_dict (the wrapped torch optimizer's)
+    return optim["base_optimizer_state"] if "base_optimizer_state" in optim else optim["optimizer_state_dict"]
+
+
+def consolidate_optimizer(path: PathLike, keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """The Adam moments of a ZeRO-1/2/3 checkpoint folder, gathered from every rank's shard into
+    full tensors by parameter name (``{key: {name: tensor}}``), and the optimizer's step count.
+    The moments are laid out exactly as the fp32 master weights (:func:`consolidate`), so the
+    same gathering applies; read through the safe loader."""
+    folder = tag_folder(path)
+    first = load(_rank_files(folder, "*_model_states.pt")[0])
+    optims = [load(f, mmap=True)["optimizer_state_dict"] for f in _rank_files(folder, "*_optim_states.pt")]
+    try:
+        stage = int(optims[0]["zero_stage"])
+        states = [_base_optimizer_state(o)["state"] for o in optims]
+        groups = len(first["param_shapes"]) if stage <= 2 else len(optims[0]["fp32_flat_groups"])
+        moments = {}
+        for key in keys:
+            flat = [[state[g][key] for g in range(groups)] for state in states]
+            moments[key] = (_zero2_parameters(first["param_shapes"], flat, optims[0].get("param_alignment_paddings"))
+                            if stage <= 2 else _zero3_parameters(first["param_shapes"], flat))
+        step = max(int(state[g]["step"]) for state in states for g in range(groups) if "step" in state[g])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as err:
+        raise ModelError(f"DeepSpeed checkpoint '{folder}': could not gather its optimizer state "
+                         f"({type(err).__name__}: {str(err)[:120]})") from None
+    return moments, step

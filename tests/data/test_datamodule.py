@@ -150,6 +150,36 @@ def test_training_order_resumes_where_the_run_stopped() -> None:
         TrainingOrder(size=10, world=2, rank=0, seed=0, batch_size=8)
 
 
+def test_training_order_resumes_on_another_number_of_devices() -> None:
+    """The stream's place is counted in samples: 3 batches of 8 on 2 ranks (48 samples of the
+    epoch's permutation) resumed on 1 rank (or 1 -> 2) skips exactly those 48, and the resumed
+    run then sees the rest of the epoch once, in the permutation's order."""
+    from clipft.data.datamodule import TrainingOrder
+
+    def seen(world: int, batches: int, batch_size: int = 8, start: tuple[int, int] = (0, 0)) -> list[int]:
+        out: list[int] = []
+        for rank in range(world):
+            order = TrainingOrder(size=103, world=world, rank=rank, seed=7, batch_size=batch_size)
+            order.start_at(0, *start)
+            out += list(order)[: batches * batch_size]
+        return out
+
+    epoch = torch.randperm(103, generator=torch.Generator().manual_seed(7)).tolist()
+    for before, after in ((2, 1), (1, 2)):
+        first = seen(before, 3)
+        assert sorted(first) == sorted(epoch[: 24 * before])
+        order = TrainingOrder(size=103, world=before, rank=0, seed=7, batch_size=8)
+        position = order.advance(0, 0, 3)  # what the datamodule saves in the checkpoint
+        assert position == (0, 24 * before)
+        rest = seen(after, (103 - 24 * before) // (8 * after), start=position)
+        assert not set(first) & set(rest)  # nothing seen twice
+        assert sorted(first + rest) == sorted(epoch[: 24 * before + len(rest)])
+    # past the end of an epoch: the next epoch, from its start
+    assert TrainingOrder(103, 2, 0, 7, 8).advance(0, 0, 6) == (1, 0)
+    assert TrainingOrder(103, 1, 0, 7, 8).advance(0, 96, 0) == (1, 0)  # 7 left: less than a batch
+    assert TrainingOrder(103, 1, 0, 7, 8).advance(0, 48, 7) == (1, 8)  # 6 batches to the end, 1 into epoch 1
+
+
 def test_training_batches_carry_each_pairs_own_negatives() -> None:
     """data.negatives.count = K: row i of a shuffled training batch holds K negatives made from
     caption i (an object added after it, or at most two words changed in place), tokenized in
