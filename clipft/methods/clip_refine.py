@@ -53,9 +53,11 @@ FINGERPRINT_KEY = "clip_refine_teacher_sha256"
 class ClipRefineConfig(MethodConfig):
     name: str = "clip_refine"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 0.0, "rafa": 1.0, "hycd": 1.0})
-    # What RaFA and HyCD see: normalized (the default, docs/methods/clip_refine.md) or raw (the
-    # official code). The three options below default (null) to the chosen reading's values:
-    # normalized -> sphere, paper, true; raw -> gaussian, code, false.
+    # What RaFA and HyCD see: normalized (unit features for both), raw (raw features for both,
+    # the official code) or raw_rafa (RaFA on raw features as the official code, HyCD on unit
+    # features with the logit scales); docs/methods/clip_refine.md. The three options below
+    # default (null) to the chosen reading's values: normalized -> sphere, paper, true;
+    # raw -> gaussian, code, false; raw_rafa -> gaussian, code, true.
     features: str = "normalized"
     rafa_prior: Optional[str] = None  # gaussian | uniform | sphere
     rafa_mean: float = 0.0  # μ of the prior N(μ·1, σ²I)
@@ -80,7 +82,9 @@ class ClipRefineConfig(MethodConfig):
 READINGS: dict[str, dict[str, Any]] = {
     "normalized": {"rafa_prior": "sphere", "rafa_reduction": "paper", "hycd_logit_scale": True},
     "raw": {"rafa_prior": "gaussian", "rafa_reduction": "code", "hycd_logit_scale": False},
+    "raw_rafa": {"rafa_prior": "gaussian", "rafa_reduction": "code", "hycd_logit_scale": True},
 }
+HYCD_ON_UNIT = ("normalized", "raw_rafa")  # readings whose HyCD compares unit features
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -157,6 +161,9 @@ class ClipRefine(ContrastiveMethod):
             device=image_features.device, dtype=torch.float32, generator=generator,
         )[rank * batch_size:(rank + 1) * batch_size]
         scaled = opts.hycd_logit_scale
+        if not normalize and opts.features in HYCD_ON_UNIT:  # raw_rafa: RaFA saw raw features, HyCD sees unit ones
+            image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+            teacher_image, teacher_text = F.normalize(teacher_image, dim=-1), F.normalize(teacher_text, dim=-1)
         distill = hycd(
             image_features, text_features, teacher_image, teacher_text,
             alpha=opts.hycd_alpha, temperature=opts.hycd_temperature,
@@ -175,7 +182,7 @@ class ClipRefine(ContrastiveMethod):
                 contrastive = self.contrastive_loss(unit_image, unit_text, across_devices=False)
         return {
             "contrastive": contrastive,
-            "rafa": rafa(image_features, text_features, references, opts.rafa_reduction),
+            "rafa": rafa(features["image"], features["text"], references, opts.rafa_reduction),
             "hycd": distill,
         }
 

@@ -161,3 +161,26 @@ def test_with_lora_the_teacher_is_the_base_model_not_a_copy() -> None:
         torch.testing.assert_close(view_terms[name], copy_terms[name], rtol=1e-6, atol=1e-6)
     assert view_terms["hycd"] > 1e-4  # the student has moved away from the teacher
     assert method.model.training  # the teacher call left the student in training mode
+
+
+def test_raw_rafa_reading_aligns_raw_features_and_distils_unit_ones() -> None:
+    """``features: raw_rafa``: RaFA on the raw features (the official code's, Gaussian references,
+    element-wise mean), HyCD on the unit features with each model's logit scale (as the
+    normalised reading, which keeps zero-shot: benchmarks/results/clip_refine_tradeoff.md)."""
+    from clipft.losses.refine import hycd, rafa, sample_references
+
+    method = build_method(load_config(None, ["method.name=clip_refine", "method.features=raw_rafa"]))
+    opts = method.options
+    assert (opts.rafa_prior, opts.rafa_reduction, opts.hycd_logit_scale) == ("gaussian", "code", True)
+    assert method.model.logit_scale.requires_grad  # HyCD uses it
+    method.log = lambda *args, **kwargs: None  # outside a trainer
+    g = torch.Generator().manual_seed(0)
+    raw = {k: 3 * torch.randn(4, 8, generator=g) for k in ("image", "text", "teacher_image", "teacher_text")}
+    terms = method.loss_terms(dict(raw), batch=None)
+    generator = torch.Generator().manual_seed(method.cfg.run.seed * 1_000_003 + method.global_step)
+    refs = sample_references(4, 8, prior="gaussian", generator=generator)
+    assert terms["rafa"].item() == pytest.approx(rafa(raw["image"], raw["text"], refs, "code").item(), rel=1e-6)
+    unit = {k: torch.nn.functional.normalize(v, dim=-1) for k, v in raw.items()}
+    expected = hycd(unit["image"], unit["text"], unit["teacher_image"], unit["teacher_text"],
+                    logit_scale=method.logit_scale, teacher_logit_scale=method.teacher.logit_scale.exp())
+    assert terms["hycd"].item() == pytest.approx(expected.item(), rel=1e-6)
