@@ -35,7 +35,7 @@ def row(label: str, metrics: dict[str, float], start: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", default="raw", choices=["raw", "normalized"])
+    parser.add_argument("--features", default="raw", choices=["raw", "raw_rafa", "normalized"])
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0])
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-6, 1e-5])
     parser.add_argument("--steps", type=int, default=300)
