@@ -11,13 +11,18 @@ names the terms ``contrastive``, ``rafa`` and ``hycd``); see ``clipft/losses/ref
 RaFA and HyCD. Optimizer of the official recipe: AdamW, constant lr 1e-6, weight decay 0.1,
 one epoch (``recipes/clip_refine.yaml``).
 
-Two readings of the losses exist (docs/methods/clip_refine.md#paper-and-official-code-two-readings), both available:
+Three readings of the losses (docs/methods/clip_refine.md#paper-and-official-code-three-readings):
 
+* ``features: raw_rafa`` (the default) — RaFA as the official code, on the un-normalised
+  projected features with Gaussian references N(0, I) reduced as ``code``; HyCD on the
+  logit-scaled cosine similarities (the official code's HyCD on raw dot products is what costs
+  zero-shot accuracy here: benchmarks/results/clip_refine_tradeoff.md).
 * ``features: raw`` — the official code: RaFA and HyCD on the un-normalised projected
   features, Gaussian references N(0, I), HyCD on raw dot products without the logit scale
   (``hycd_logit_scale: false``), RaFA reduced as ``code`` (element-wise mean) or ``paper``.
 * ``features: normalized`` — unit features, references normalised onto the sphere
-  (``rafa_prior: sphere``), HyCD on the logit-scaled cosine similarities.
+  (``rafa_prior: sphere``), HyCD on the logit-scaled cosine similarities. Its RaFA has no
+  expected gradient (tested): in expectation this reading is HyCD alone.
 
 Which one is the default, and why, is in docs/methods/clip_refine.md (measured by ``benchmarks/clip_refine.py``).
 
@@ -53,12 +58,13 @@ FINGERPRINT_KEY = "clip_refine_teacher_sha256"
 class ClipRefineConfig(MethodConfig):
     name: str = "clip_refine"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 0.0, "rafa": 1.0, "hycd": 1.0})
-    # What RaFA and HyCD see: normalized (unit features for both), raw (raw features for both,
-    # the official code) or raw_rafa (RaFA on raw features as the official code, HyCD on unit
-    # features with the logit scales); docs/methods/clip_refine.md. The three options below
-    # default (null) to the chosen reading's values: normalized -> sphere, paper, true;
-    # raw -> gaussian, code, false; raw_rafa -> gaussian, code, true.
-    features: str = "normalized"
+    # What RaFA and HyCD see: raw_rafa (RaFA on raw features as the official code, HyCD on unit
+    # features with the logit scales), raw (raw features for both, the official code) or
+    # normalized (unit features for both; its RaFA is noise in expectation);
+    # docs/methods/clip_refine.md. The three options below default (null) to the chosen
+    # reading's values: raw_rafa -> gaussian, code, true; raw -> gaussian, code, false;
+    # normalized -> sphere, paper, true.
+    features: str = "raw_rafa"
     rafa_prior: Optional[str] = None  # gaussian | uniform | sphere
     rafa_mean: float = 0.0  # μ of the prior N(μ·1, σ²I)
     rafa_std: float = 1.0  # σ
