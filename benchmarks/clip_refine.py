@@ -4,8 +4,8 @@ and retrieval hold, where plain contrastive fine-tuning loses zero-shot? (Yamagu
     python benchmarks/clip_refine.py [--steps 300] [--lr 1e-6 1e-5] [--twemoji-lr 1e-5] [--twemoji ../shared/data/twemoji64]
 
 From one pre-trained start, with the same data, steps and learning rate, it runs: no
-refinement, contrastive fine-tuning, CLIP-Refine in its two readings (raw features as the
-official code, unit features as the normalised form), HyCD only and RaFA only; then prints
+refinement, contrastive fine-tuning, CLIP-Refine in its readings (the default raw_rafa, raw features as
+the official code, unit features as the normalised form), HyCD only and RaFA only; then prints
 one table per data set (gap, linear separability, zero-shot top-1, retrieval R@1,
 compositional accuracy) and writes it to benchmarks/results/clip_refine_<data>.md.
 
@@ -37,9 +37,10 @@ ARMS = {
     "no refinement": None,
     "contrastive fine-tuning": ["method.name=finetune"],
     "CLIP-Refine (raw, official code)": ["method.name=clip_refine", *RAW],
-    "CLIP-Refine (normalized, default)": ["method.name=clip_refine"],
-    "HyCD only (normalized)": ["method.name=clip_refine", "method.loss_weights.rafa=0"],
-    "RaFA only (normalized)": ["method.name=clip_refine", "method.loss_weights.hycd=0"],
+    "CLIP-Refine (raw_rafa, default)": ["method.name=clip_refine"],
+    "CLIP-Refine (normalized)": ["method.name=clip_refine", "method.features=normalized"],
+    "HyCD only (normalized)": ["method.name=clip_refine", "method.features=normalized", "method.loss_weights.rafa=0"],
+    "RaFA only (normalized)": ["method.name=clip_refine", "method.features=normalized", "method.loss_weights.hycd=0"],
     "RaFA only (raw)": ["method.name=clip_refine", *RAW, "method.loss_weights.hycd=0"],
 }
 

@@ -1,4 +1,4 @@
-"""``clipft``: fit | validate | info | export | data | recipes — recipes in, run folders out.
+"""``clipft``: fit | validate | info | export | wise-ft | data | recipes — recipes in, run folders out.
 
 Examples:
   clipft fit quickstart                      (a shipped recipe by name; `clipft recipes` lists them)
@@ -9,6 +9,7 @@ Examples:
   clipft info recipes/finetune.yaml model.name=ViT-B-32
   clipft validate recipes/quickstart.yaml ckpt=runs/quickstart/<time>/checkpoints/best.ckpt
   clipft export runs/quickstart/<time> --out exported/quickstart
+  clipft wise-ft runs/lit_twemoji/<time> --alphas 0 0.25 0.5 0.75 1
   clipft data write-shards data/train.csv shards/train --shard-size 1000
   clipft recipes finetune --copy my_recipes  (a shipped recipe and its includes, to edit)
 """
@@ -108,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
         "CLIPVisionModelWithProjection (LLaVA-style) with its tokenizer / image processor",
     )
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+
+    wise = verbs.add_parser(
+        "wise-ft",
+        help="evaluate WiSE-FT interpolations of a run on its evaluation sets",
+        description="Evaluate θ_α = (1-α)·start + α·fine-tuned for each α on every set of the run's eval.sets, "
+        "and write wise_ft.json, wise_ft.md (the table, the best α by the mean over the sets) and wise_ft.png "
+        "(in-domain vs shifted) into the run folder. Only for runs that started from pre-trained weights.",
+    )
+    wise.add_argument("run", help="the run folder (its checkpoints/last.ckpt)")
+    wise.add_argument("--alphas", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1], metavar="ALPHA",
+                      help="interpolation weights in [0, 1] (default: 0 0.25 0.5 0.75 1)")
+    wise.add_argument("--metric", help="the metric compared (default: the first zero-shot task's top1, e.g. zeroshot/group/top1)")
+    wise.add_argument("--force", action="store_true", help="replace the wise_ft.* files of an earlier sweep")
+    wise.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
     recipes = verbs.add_parser(
         "recipes",
@@ -210,6 +225,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wise_ft(args: argparse.Namespace) -> int:
+    import clipft.methods  # noqa: F401  (every method registers its settings: the run's config names one)
+    from clipft.config import ConfigError
+    from clipft.data.table import DataError
+    from clipft.models import ModelError
+    from clipft.models.checkpoint_io import trusting
+    from clipft.wise_ft import WiseFtError, main_json, sweep
+
+    try:
+        with trusting(args.trust_checkpoint):
+            result = sweep(args.run, args.alphas, metric=args.metric, force=args.force)
+    except (WiseFtError, ConfigError, DataError, ModelError) as err:
+        print(f"clipft: error: {err}", file=sys.stderr)
+        return 2
+    for row in result["rows"]:
+        print(f"alpha {row['alpha']:g}: mean {result['metric']} {row['mean']:.4f}")
+    print(f"best alpha by the mean: {result['best_alpha']:g}; wrote wise_ft.md, wise_ft.json, wise_ft.png in {args.run}")
+    print(main_json(result))
+    return 0
+
+
 def _prepare_environment(recipe: str, overrides: list[str]) -> None:
     """Settings that must be in the environment before torch starts its thread pools."""
     from clipft.config import peek
@@ -222,10 +258,10 @@ def _prepare_environment(recipe: str, overrides: list[str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.verb in ("export", "data", "recipes"):
+    if args.verb in ("export", "data", "recipes", "wise-ft"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"export": _export, "data": _data, "recipes": _recipes}[args.verb](args)
+        return {"export": _export, "data": _data, "recipes": _recipes, "wise-ft": _wise_ft}[args.verb](args)
     if args.verb == "info" and args.methods:
         import clipft.methods  # noqa: F401  (every method registers itself)
         from clipft.methods.catalog import render

@@ -183,13 +183,19 @@ class DataConfig:
     # synthetic | csv (also .tsv and .jsonl files) | folder (one sub-folder of images per class) |
     # webdataset (tar shards)
     source: str = "synthetic"
-    # csv: table of image paths and captions; folder: the image folder; webdataset: shards,
-    # brace-expanded ('data/shard-{000000..000099}.tar', a folder of .tar files, URLs; sources
-    # joined with '::')
-    train: Optional[str] = None
+    # csv: table of image paths and captions, or a list of tables (concatenated); folder: the
+    # image folder; webdataset: shards, brace-expanded ('data/shard-{000000..000099}.tar', a
+    # folder of .tar files, URLs; sources joined with '::')
+    train: Any = None
     val: Optional[str] = None  # the same kind as train (webdataset: local shards, or a table)
     image_key: str = "filepath"  # column holding the image path (relative to the table)
     caption_key: str = "title"  # column holding the caption
+    # csv: a JSON file {split name: [ids]} choosing the rows of each table (relative to the
+    # table's folder, so each of several tables reads its own), e.g. splits.json
+    split_file: Optional[str] = None
+    split_key: Optional[str] = None  # the column whose values split_file lists; null: data.image_key
+    train_split: Optional[str] = None  # with split_file: the split of data.train (e.g. train)
+    val_split: Optional[str] = None  # with split_file: the split of data.val (e.g. test)
     separator: Optional[str] = None  # null: from the extension (.csv ",", .tsv tab)
     # error | skip (skipped rows/samples are counted and reported). null: error for tables
     # (checked before training), skip for shards (read while training; the count is logged)
@@ -211,6 +217,10 @@ class DataConfig:
     # neighbours (starting model's embedding, computed once and cached) as an extra pair, so a
     # batch holds 2 x data.batch_size pairs. 0: off (NegCLIP: 3).
     hard_images: int = 0
+    # Pairs with the same caption are positives of one another in the CLIP loss (UniCL's
+    # multi-positive target), not negatives: for data with several images of one caption, such
+    # as one concept drawn in several styles (methods that use the base loss: finetune / FLYP)
+    same_caption_positives: bool = False
     classes: ClassesConfig = field(default_factory=ClassesConfig)
 
 
@@ -337,12 +347,23 @@ class ZeroShotTaskConfig:
     # folder: an image folder with one sub-folder per class (class name = folder name)
     source: str = "synthetic"
     task: str = "shape"  # synthetic: shape | colour | object
-    split: str = "val"  # synthetic: val (seen combinations) | novel (held-out combinations)
+    # synthetic: val (seen combinations) | novel (held-out combinations); csv with split_file:
+    # the split whose rows are scored (e.g. test)
+    split: str = "val"
     size: int = 600  # synthetic: number of one-object images
     data: Optional[str] = None  # csv: path of the table; folder: the image folder
     image_key: str = "filepath"
     label_key: str = "label"
+    # csv: a JSON file {split name: [ids]} (relative to the table's folder); rows of `split` only
+    split_file: Optional[str] = None
+    split_key: Optional[str] = None  # the column whose values split_file lists; null: image_key
     classnames: Optional[list[str]] = None  # csv: null = the sorted distinct labels
+    # csv/folder: a JSON file of readable class names (relative to the table's folder): {label:
+    # name}, or a data set's classes.json (lists of {key, text} objects); null: the labels
+    names: Optional[str] = None
+    # score only these labels: images of other classes are left out and the classifier holds
+    # only these classes (as ImageNet-R scores 200 of ImageNet's 1000). null: every class
+    subset: Optional[list[str]] = None
     # csv/folder: format strings with {} for the class name, or a named set in template_set
     # (single: "a photo of a {}."; openai_imagenet: OpenAI's 80; simple_imagenet: 7).
     # Synthetic tasks always use every caption of the data that describes the class.
@@ -368,12 +389,34 @@ class CompositionalEvalConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """A named evaluation set (``eval.sets``): a table (optionally one split of it), scored by
+    retrieval on its pairs and by its zero-shot tasks, logged as ``val/sets/<name>/...``."""
+
+    name: str = ""
+    data: Optional[str] = None  # a table of image paths and captions (data.source csv's format)
+    image_key: Optional[str] = None  # null: data.image_key
+    caption_key: Optional[str] = None  # null: data.caption_key
+    split_file: Optional[str] = None  # JSON {split name: [ids]}, relative to the table's folder
+    split_key: Optional[str] = None  # null: the image column
+    split: Optional[str] = None  # with split_file: the split to evaluate (e.g. test)
+    shifted: bool = False  # a distribution-shift set (WiSE-FT's y axis); false: in-domain
+    retrieval: bool = True  # image<->text R@K on the set's pairs (eval.retrieval.ks)
+    # zero-shot tasks on the set's images: a task's data / split / image key are the set's; it
+    # gives name, label_key, names, classnames, subset, templates / template_set, ensemble
+    zeroshot: list[ZeroShotTaskConfig] = field(default_factory=list)
+
+
+@dataclass
 class EvalConfig:
     retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
     # modality gap, alignment, uniformity of the validation pairs, and gap.png
     gap: bool = True
     compositional: CompositionalEvalConfig = field(default_factory=CompositionalEvalConfig)
     zeroshot: list[ZeroShotTaskConfig] = field(default_factory=list)
+    # named evaluation sets (in-domain and shifted), each with retrieval and zero-shot tasks,
+    # logged as val/sets/<name>/... and their mean as val/sets/mean/...
+    sets: list[EvalSetConfig] = field(default_factory=list)
     # class-based data (data.classes): accuracy on the validation images of the base classes
     # (among base classes), of the novel classes (among novel classes) and their harmonic mean
     base_to_novel: bool = True
@@ -604,8 +647,10 @@ def _check_keys(data: Any, schema: Any, prefix: str, source: str) -> None:
 
 
 def _list_item_schema(schema: Any, key: str) -> Optional[type]:
-    if type(schema) is EvalConfig and key == "zeroshot":
+    if (type(schema) is EvalConfig and key == "zeroshot") or (type(schema) is EvalSetConfig and key == "zeroshot"):
         return ZeroShotTaskConfig
+    if type(schema) is EvalConfig and key == "sets":
+        return EvalSetConfig
     return None
 
 
@@ -697,10 +742,10 @@ def _check_values(cfg: DictConfig) -> None:
          "must be in (0, optim.logit_scale_max]"),
         (len(cfg.eval.retrieval.ks) > 0 and all(k > 0 for k in cfg.eval.retrieval.ks), "eval.retrieval.ks", "must be positive"),
     ]
-    for i, task in enumerate(cfg.eval.zeroshot):
-        checks.append((task.size > 0, f"eval.zeroshot[{i}].size", "must be > 0"))
+    for where, task in _zeroshot_tasks(cfg):
+        checks.append((task.size > 0, f"{where}.size", "must be > 0"))
         for template in task.templates or []:
-            checks.append(("{}" in template, f"eval.zeroshot[{i}].templates", f"template {template!r} has no {{}} for the class name"))
+            checks.append(("{}" in template, f"{where}.templates", f"template {template!r} has no {{}} for the class name"))
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message} (got {OmegaConf.select(cfg, key.split('[')[0])!r})")
@@ -716,13 +761,46 @@ def _check_choices(cfg: DictConfig) -> None:
     for dotted, allowed in CHOICES.items():
         section, _, leaf = dotted.rpartition(".")
         if section == "eval.zeroshot":
-            nodes = [(f"eval.zeroshot[{i}].{leaf}", t.get(leaf)) for i, t in enumerate(cfg.eval.zeroshot)]
+            # a table's split is a name of its split file; the synthetic tasks' splits are fixed
+            nodes = [(where, t.get(leaf)) for where, t in _zeroshot_tasks(cfg)
+                     if leaf not in ("split", "task") or t.source == "synthetic"]
+            nodes = [(f"{where}.{leaf}", value) for where, value in nodes]
         else:
             nodes = [(dotted, OmegaConf.select(cfg, dotted))]
         for where, value in nodes:
             if value not in allowed:
                 names = ", ".join("null" if a is None else str(a) for a in allowed)
                 raise ConfigError(f"{where}={value!r} is not one of: {names}")
+
+
+def _zeroshot_tasks(cfg: DictConfig) -> list[tuple[str, Any]]:
+    """Every zero-shot task of a run with where it is: eval.zeroshot[i], eval.sets[j].zeroshot[k]."""
+    tasks = [(f"eval.zeroshot[{i}]", t) for i, t in enumerate(cfg.eval.zeroshot)]
+    for j, s in enumerate(cfg.eval.sets):
+        tasks += [(f"eval.sets[{j}].zeroshot[{k}]", t) for k, t in enumerate(s.zeroshot)]
+    return tasks
+
+
+def _check_sets(cfg: DictConfig) -> None:
+    """eval.sets: distinct names (not 'mean'), a table each, a split named with a split file."""
+    seen: set[str] = set()
+    for j, s in enumerate(cfg.eval.sets):
+        where = f"eval.sets[{j}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name or "") or s.name == "mean":
+            raise ConfigError(f"{where}.name={s.name!r}: give each set a name of letters, digits, '_', '-' or '.' "
+                              "(not 'mean', which holds the sets' mean)")
+        if s.name in seen:
+            raise ConfigError(f"{where}.name={s.name!r}: two sets have this name; names must be distinct")
+        seen.add(s.name)
+        if not s.data:
+            raise ConfigError(f"{where}.data: the set's table of image paths and captions is required")
+        if bool(s.split_file) != bool(s.split):
+            raise ConfigError(f"{where}: give split_file and split together (the split file, and the split to evaluate)")
+        names = [t.name for t in s.zeroshot]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.zeroshot: task names must be distinct, got {names}")
+        if not s.zeroshot and not s.retrieval:
+            raise ConfigError(f"{where}: evaluates nothing; give zero-shot tasks or leave retrieval on")
 
 
 def _method_name(layers: list[tuple[str, DictConfig]]) -> str:
@@ -808,9 +886,10 @@ def compose(recipe: Optional[str | Path], overrides: Optional[list[str]] = None,
         raise ConfigError("data.classes: give templates or template_set, not both")
     if classes.shots is not None and classes.shots < 1:
         raise ConfigError(f"data.classes.shots: must be >= 1 (or null for all images), got {classes.shots}")
-    for i, task in enumerate(cfg.eval.zeroshot):
+    for where, task in _zeroshot_tasks(cfg):
         if task.templates and task.template_set:
-            raise ConfigError(f"eval.zeroshot[{i}]: give templates or template_set, not both")
+            raise ConfigError(f"{where}: give templates or template_set, not both")
+    _check_sets(cfg)
     if check_data and _DATA_SOURCES:
         _check_data_given(cfg)
     return cfg
@@ -823,6 +902,13 @@ def _check_data_given(cfg: DictConfig) -> None:
     for i, task in enumerate(cfg.eval.zeroshot):
         if data_source(task.source).file_backed and not task.data:
             raise ConfigError(f"eval.zeroshot[{i}].data: a table or image folder is required for source={task.source}")
+        if task.split_file and task.source != "synthetic":
+            data_source("csv").check_split(f"eval.zeroshot[{i}].split", task.data, task.split_file, task.split,
+                                           f"eval.zeroshot[{i}].split_file")
+    for j, s in enumerate(cfg.eval.sets):
+        if s.split_file:
+            data_source("csv").check_split(f"eval.sets[{j}].split", s.data, s.split_file, s.split,
+                                           f"eval.sets[{j}].split_file")
     if cfg.eval.compositional.source == "folder" and not cfg.eval.compositional.path:
         raise ConfigError("eval.compositional.path: the folder of <subset>.json files is required for source=folder")
     if source.file_backed and not cfg.data.val and (cfg.eval.zeroshot or cfg.eval.compositional.source):

@@ -35,6 +35,7 @@ from clipft.eval.callbacks import BaseToNovelCallback, CompositionalCallback, Ga
 from clipft.eval.compositional import GROUPS, SUBSETS, load_benchmark, write_synthetic_benchmark
 from clipft.eval.gap import GAP_METRICS
 from clipft.eval.plots import plot_training_curves
+from clipft.eval.sets import EvalSetsCallback, build_eval_set, set_metric_names
 from clipft.eval.tasks import build_zeroshot_task
 from clipft.loggers import (RecipeAsHyperparameters, TrackingRunsInCheckpoint, build_loggers, check_installed, log_plots,
                             progress_bar, quiet_lightning)
@@ -211,6 +212,7 @@ def check_monitor(cfg: RunConfig, method: ContrastiveMethod) -> None:
     names |= {f"val/zeroshot/{t.name}/{m}" for t in cfg.eval.zeroshot for m in ("top1", "top5", "mean_per_class_recall")}
     if cfg.eval.gap:
         names |= {f"val/gap/{m}" for m in GAP_METRICS}
+    names |= set_metric_names(cfg)
     if cfg.eval.compositional.source is not None:
         names |= {f"val/compositional/{m}" for m in (*SUBSETS, *GROUPS)}
     if cfg.eval.base_to_novel and source(cfg.data.source).has_classes(cfg.data):
@@ -357,6 +359,9 @@ def build_callbacks(
             for t in cfg.eval.zeroshot
         ]
         callbacks.append(ZeroShotCallback(tasks, batch_size=cfg.eval.batch_size))
+    if cfg.eval.sets:
+        sets = [build_eval_set(s, cfg.data, bundle.preprocess_val, cfg.run.seed) for s in cfg.eval.sets]
+        callbacks.append(EvalSetsCallback(sets, cfg.eval.retrieval.ks, batch_size=cfg.eval.batch_size))
     if cfg.eval.base_to_novel and datamodule is not None and datamodule.classes is not None and datamodule.val_fetch:
         classes = datamodule.classes
         callbacks.append(BaseToNovelCallback(

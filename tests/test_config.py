@@ -143,7 +143,7 @@ def test_every_building_block_validates(block: Path) -> None:
 @pytest.mark.parametrize("overrides, message", [
     (["method.name=clip_refine", "method.rafa_prior=spere"],
      "method.rafa_prior='spere' is not one of: gaussian, uniform, sphere; did you mean sphere?"),
-    (["method.name=clip_refine", "method.features=rwa"], "method.features='rwa' is not one of: normalized, raw; did you mean raw?"),
+    (["method.name=clip_refine", "method.features=rwa"], "method.features='rwa' is not one of: normalized, raw, raw_rafa; did you mean raw?"),
     (["method.name=clip_refine", "method.hycd_alpha=2"], "method.hycd_alpha=2.0 must be in [0, 1]"),
     (["method.name=degla", "data.negatives.count=1", "method.distill_reduction=avg"],
      "method.distill_reduction='avg' is not one of: sum, mean"),

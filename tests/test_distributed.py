@@ -18,7 +18,7 @@ WORKER = ROOT / "tests" / "distributed_worker.py"
 
 RUNS = {
     "finetune": ["method.name=finetune"],
-    "clip_refine": ["method.name=clip_refine"],  # HyCD + RaFA, normalised reading
+    "clip_refine": ["method.name=clip_refine"],  # HyCD + RaFA, the default reading (raw_rafa: RaFA raw, HyCD on unit features)
     "clip_refine_raw_with_clip": ["method.name=clip_refine", "method.features=raw", "method.loss_weights.contrastive=1"],
     "finetune_siglip": ["method.name=finetune", "model.logit_scale=10", "model.logit_bias=-10"],
     # each device encodes its pairs 2 at a time (activation checkpointing inside DDP's backward)

@@ -75,21 +75,28 @@ class ClassSet:
         return self.prompts(label)[0]
 
 
-def read_class_names(path: str | Path, labels: Sequence[str]) -> dict[str, str]:
-    """A JSON file ``{label or folder name: class name}``; every label must be in it."""
+def read_class_names(path: str | Path, labels: Sequence[str], key: str = "data.classes.names") -> dict[str, str]:
+    """A JSON file ``{label or folder name: class name}``, or a data set's class file whose
+    values are lists of ``{"key": label, "text" (or "name"): class name}`` objects (as the emoji
+    data sets' classes.json); every label must be in it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data.classes.names: class-name file '{path}' not found")
+        raise DataError(f"{key}: class-name file '{path}' not found")
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
-    if not isinstance(mapping, dict):
+    if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object {{label: class name}}")
+    mapping = {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
+    for value in data.values():  # lists of {key, text|name} objects
+        for item in value if isinstance(value, list) else []:
+            if isinstance(item, dict) and "key" in item and ("text" in item or "name" in item):
+                mapping[str(item["key"])] = str(item.get("text", item.get("name")))
     missing = sorted(set(labels) - set(mapping))
     if missing:
         raise DataError(f"{path}: no class name for labels {missing[:10]}")
-    return {str(k): str(v) for k, v in mapping.items()}
+    return mapping
 
 
 def few_shot_indices(labels: Sequence[int], shots: int, seed: int, classes: Sequence[int]) -> list[int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -25,7 +26,7 @@ from clipft.data import synthetic
 from clipft.data.classes import read_class_names
 from clipft.data.shards import ShardFetch, ShardSet, check_first_sample, epoch_length, expand_shards, index_shards, is_table
 from clipft.data.synthetic import SyntheticScenes, label_of, one_object_eval_set
-from clipft.data.table import DataError, Table, load_rgb, read_image_folder, read_table
+from clipft.data.table import DataError, Split, Table, concat_tables, load_rgb, read_image_folder, read_split_file, read_table
 
 Fetch = Callable[[int], tuple[Any, Any, str]]  # index -> (image, target, image id); has len()
 
@@ -127,11 +128,18 @@ class DataSource:
         """Whether the run's pairs are class-labelled (captions are class prompts, batches carry labels)."""
         return self.always_labelled or (self.labelled and data.classes.enabled)
 
+    reads_splits = False  # selects table rows by a split file (data.split_file)
+
     def check(self, data: DataConfig) -> None:
         """What the recipe must give this source: checked when it is composed with its data
         files, and by the data module before it reads them. A ConfigError names the key."""
         if self.file_backed and not data.train:
             raise ConfigError(f"data.train: {self.train_holds} is required when data.source={self.name}")
+        if not isinstance(data.train, (str, type(None))) and not self.reads_splits:
+            raise ConfigError(f"data.train: one path for data.source={self.name}, got {list(data.train)}")
+        if (data.split_file or data.train_split or data.val_split) and not self.reads_splits:
+            raise ConfigError(f"data.split_file: data.source={self.name} has no split files; "
+                              "they select rows of tables (data.source=csv)")
 
     def describe(self, data: DataConfig) -> str:
         """The data, in a phrase (the exported model card's "data:")."""
@@ -214,16 +222,22 @@ class LabelledFiles(DataSource):
     labelled = True
 
     def read_labels(self, path: str, image_key: str, label_key: str, separator: Optional[str],
-                    on_bad_sample: Optional[str] = None) -> Table:
-        """The images at ``path`` with their class labels as the table's texts."""
+                    on_bad_sample: Optional[str] = None, split: Optional[Split] = None) -> Table:
+        """The images at ``path`` (of ``split`` only, where the source reads split files) with
+        their class labels as the table's texts."""
         raise NotImplementedError
 
     def class_splits(self, data: DataConfig) -> ClassSplits:
         """The classes are the sorted labels of both splits, so the base / novel halves are
         the same whichever split is read."""
         spec = data.classes
-        tables = {split: self.read_labels(path, data.image_key, spec.label_key, data.separator, data.on_bad_sample)
-                  for split, path in (("train", data.train), ("val", data.val)) if path}
+        key = data.split_key or data.image_key
+        tables = {"train": concat_tables([
+            self.read_labels(path, data.image_key, spec.label_key, data.separator, data.on_bad_sample,
+                             _split(data.split_file, data.train_split, key)) for path in train_tables(data)])}
+        if data.val:
+            tables["val"] = self.read_labels(data.val, data.image_key, spec.label_key, data.separator,
+                                             data.on_bad_sample, _split(data.split_file, data.val_split, key))
         keys = sorted({text for table in tables.values() for text in table.texts})
         display = read_class_names(spec.names, keys) if spec.names else {k: k for k in keys}
         index = {k: i for i, k in enumerate(keys)}
@@ -232,20 +246,51 @@ class LabelledFiles(DataSource):
 
     def zeroshot_images(self, task: ZeroShotTaskConfig, seed: int, image_size: int,
                         separator: Optional[str] = None) -> LabelledImages:
-        table = self.read_labels(task.data or "", task.image_key, task.label_key, separator)
-        names = list(task.classnames) if task.classnames else sorted(set(table.texts))
-        index = {name: i for i, name in enumerate(names)}
+        split = _split(task.split_file, task.split, task.split_key or task.image_key)
+        table = self.read_labels(task.data or "", task.image_key, task.label_key, separator, split=split)
+        labels = list(task.classnames) if task.classnames else sorted(set(table.texts))
+        if task.subset is not None:  # a subset of the classes: its images, and a classifier of only these
+            missing = sorted(set(task.subset) - set(labels))
+            if missing:
+                raise DataError(f"eval.zeroshot '{task.name}'.subset: labels {missing[:10]} are not classes of {task.data}")
+            labels = [label for label in labels if label in set(task.subset)]
+            table = _rows_with(table, set(labels))
+        index = {name: i for i, name in enumerate(labels)}
         unknown = sorted(set(table.texts) - set(index))
         if unknown:
             raise DataError(f"{task.data}: labels not in eval.zeroshot '{task.name}' classnames: {unknown[:10]}")
-        return LabelledImages(TableFetch(table, index), names)
+        if task.names:
+            file = Path(task.names) if Path(task.names).is_absolute() else Path(task.data or "").parent / task.names
+            display = read_class_names(file, labels, key=f"eval.zeroshot '{task.name}'.names")
+            return LabelledImages(TableFetch(table, index), [display[label] for label in labels])
+        return LabelledImages(TableFetch(table, index), labels)
 
 
-def read_pairs(data: DataConfig, path: str, negatives: bool = False) -> Table:
+def _rows_with(table: Table, labels: set[str]) -> Table:
+    """The rows of ``table`` whose text (label) is in ``labels``."""
+    keep = [i for i, text in enumerate(table.texts) if text in labels]
+    if not keep:
+        raise DataError(f"{table.path}: no image of the classes {sorted(labels)[:10]}")
+    return Table(path=table.path, images=[table.images[i] for i in keep], texts=[table.texts[i] for i in keep],
+                 lines=[table.lines[i] for i in keep], skipped=table.skipped)
+
+
+def _split(file: Optional[str], name: Optional[str], key: str) -> Optional[Split]:
+    return Split(file, name, key) if file and name else None
+
+
+def train_tables(data: DataConfig) -> list[str]:
+    """data.train as a list of paths (one path, or a list of tables)."""
+    return [data.train] if isinstance(data.train, str) else [str(p) for p in data.train or []]
+
+
+def read_pairs(data: DataConfig, path: str, negatives: bool = False, split: Optional[str] = None) -> Table:
     """A checked table of image paths and captions (with each row's negative captions when
-    ``negatives`` and data.negatives.column name them)."""
+    ``negatives`` and data.negatives.column name them), the rows of ``split`` of
+    data.split_file when one is given."""
     column = data.negatives.column if negatives and data.negatives.count > 0 else None
-    return read_table(path, data.image_key, data.caption_key, data.separator, data.on_bad_sample, negatives_key=column)
+    return read_table(path, data.image_key, data.caption_key, data.separator, data.on_bad_sample, negatives_key=column,
+                      split=_split(data.split_file, split, data.split_key or data.image_key))
 
 
 @register_source("csv")
@@ -254,14 +299,51 @@ class Csv(LabelledFiles):
     of image paths and class labels (data.classes.label_key)."""
 
     train_holds = "a table of image paths and captions"
+    reads_splits = True
+
+    def check(self, data: DataConfig) -> None:
+        """data.train: a table or a list of tables; with data.split_file, the split of each
+        table (data.train_split, data.val_split), checked against the file now."""
+        super().check(data)
+        tables = train_tables(data)
+        if not all(isinstance(p, str) and p for p in tables):
+            raise ConfigError(f"data.train: a table, or a list of tables, got {data.train!r}")
+        if len(tables) > 1 and data.hard_images > 0:
+            raise ConfigError("data.hard_images: needs one training table; concatenate the tables into one file")
+        if not data.split_file:
+            for key in ("train_split", "val_split"):
+                if getattr(data, key):
+                    raise ConfigError(f"data.{key}: a split needs data.split_file, the JSON file that lists it")
+            return
+        for key, paths in (("train_split", tables), ("val_split", [data.val] if data.val else [])):
+            name = getattr(data, key)
+            if paths and not name:
+                raise ConfigError(f"data.{key}: name the split of data.{key[:-6]} in data.split_file ({data.split_file})")
+            for path in paths:
+                self.check_split(f"data.{key}", path, data.split_file, name, "data.split_file")
+
+    @staticmethod
+    def check_split(key: str, table: str, file: str, name: str, file_key: str) -> None:
+        """The split file of ``table`` exists and holds the split ``name`` (a ConfigError naming ``key`` otherwise)."""
+        path = Split(file, name, "").path(table)
+        try:
+            splits = read_split_file(path)
+        except DataError as err:
+            raise ConfigError(f"{file_key}: {err}") from err
+        if name not in splits:
+            raise ConfigError(f"{key}={name!r} is not a split of {path} (splits: {', '.join(splits) or 'none'})")
+
+    def describe(self, data: DataConfig) -> str:
+        tables = " + ".join(train_tables(data))
+        return f"{tables} ({data.train_split})" if data.split_file else tables
 
     def pairs(self, data: DataConfig) -> Pairs:
-        return Pairs(TableFetch(read_pairs(data, data.train, negatives=True)),
-                     TableFetch(read_pairs(data, data.val)) if data.val else None)
+        train = concat_tables([read_pairs(data, path, negatives=True, split=data.train_split) for path in train_tables(data)])
+        return Pairs(TableFetch(train), TableFetch(read_pairs(data, data.val, split=data.val_split)) if data.val else None)
 
     def read_labels(self, path: str, image_key: str, label_key: str, separator: Optional[str],
-                    on_bad_sample: Optional[str] = None) -> Table:
-        return read_table(path, image_key, label_key, separator, on_bad_sample, what="label")
+                    on_bad_sample: Optional[str] = None, split: Optional[Split] = None) -> Table:
+        return read_table(path, image_key, label_key, separator, on_bad_sample, what="label", split=split)
 
 
 @register_source("folder")
@@ -272,7 +354,9 @@ class Folder(LabelledFiles):
     always_labelled = True
 
     def read_labels(self, path: str, image_key: str, label_key: str, separator: Optional[str],
-                    on_bad_sample: Optional[str] = None) -> Table:
+                    on_bad_sample: Optional[str] = None, split: Optional[Split] = None) -> Table:
+        if split is not None:
+            raise ConfigError(f"{path}: an image folder has no split file; split_file selects rows of tables (source csv)")
         return read_image_folder(path)
 
 
@@ -285,6 +369,8 @@ class WebDataset(DataSource):
 
     def check(self, data: DataConfig) -> None:
         wds = data.webdataset
+        if data.train and not isinstance(data.train, str):
+            raise ConfigError("data.train: one shard pattern for data.source=webdataset (join sources with '::')")
         if not data.train:
             raise ConfigError("data.train: shards are required when data.source=webdataset "
                               "(e.g. 'data/shard-{000000..000099}.tar')")

@@ -38,6 +38,56 @@ class Table:
         return len(self.images)
 
 
+@dataclass(frozen=True)
+class Split:
+    """The rows of a table that a split file assigns to one split: ``file`` is a JSON object
+    ``{split name: [ids]}`` (other keys, such as a seed or counts, are ignored), relative to the
+    table's folder unless absolute; ``key`` is the table column whose values the file lists."""
+
+    file: str
+    name: str
+    key: str
+
+    def path(self, table: str | Path) -> Path:
+        file = Path(self.file)
+        return file if file.is_absolute() else Path(table).parent / file
+
+    def ids(self, table: str | Path) -> set[str]:
+        """The ids of this split; a DataError names the file and the splits it holds."""
+        splits = read_split_file(self.path(table))
+        if self.name not in splits:
+            raise DataError(f"{self.path(table)}: no split '{self.name}' (splits: {', '.join(splits) or 'none'})")
+        return splits[self.name]
+
+
+def read_split_file(path: Path) -> dict[str, set[str]]:
+    """The splits of a split file: every key whose value is a list of ids."""
+    if not path.is_file():
+        raise DataError(f"split file '{path}' not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a JSON split file ({err})") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a split file is a JSON object {{split name: [ids]}}")
+    return {str(k): {str(i) for i in v} for k, v in data.items() if isinstance(v, list)}
+
+
+def concat_tables(tables: list[Table]) -> Table:
+    """Several tables as one (training on several data sets): rows in order, the first's path."""
+    if len(tables) == 1:
+        return tables[0]
+    out = Table(path=tables[0].path, negatives=[] if all(t.negatives is not None for t in tables) else None)
+    for table in tables:
+        out.images += table.images
+        out.texts += table.texts
+        out.lines += table.lines
+        out.skipped += table.skipped
+        if out.negatives is not None and table.negatives is not None:
+            out.negatives += table.negatives
+    return out
+
+
 def _separator(path: Path, separator: Optional[str]) -> str:
     if separator is not None:
         return "\t" if separator in ("\\t", "tab") else separator
@@ -76,6 +126,7 @@ def read_table(
     check_images: bool = True,
     what: str = "caption",
     negatives_key: Optional[str] = None,
+    split: Optional[Split] = None,
 ) -> Table:
     """Read and check a table of image paths and texts.
 
@@ -87,6 +138,7 @@ def read_table(
         what: the name of the text column's meaning in messages ("caption", "label").
         negatives_key: a column of negative captions per row — a list (JSON Lines), or a JSON
             or Python list literal in a CSV/TSV cell, as NegCLIP's ``neg_caption`` column.
+        split: keep only the rows of this split (the others are not read, and not counted as bad).
     """
     path = Path(path)
     if not path.is_file():
@@ -94,6 +146,8 @@ def read_table(
     table = Table(path=path, negatives=[] if negatives_key else None)
     root = path.parent
     rows = _rows(path, separator)
+    if split is not None:
+        rows = _in_split(rows, path, split)
     if check_images:
         rows = _progress(rows, path)
     try:
@@ -107,6 +161,22 @@ def read_table(
     if table.skipped:
         log.warning("%s: skipped %d bad rows (first: %s)", path, len(table.skipped), table.skipped[0])
     return table
+
+
+def _in_split(rows: Iterator[tuple[int, dict[str, Any], list[str]]], path: Path,
+              split: Split) -> Iterator[tuple[int, dict[str, Any], list[str]]]:
+    ids = split.ids(path)
+    seen = 0
+    for line_no, row, columns in rows:
+        if columns and split.key not in columns:
+            raise DataError(f"{path}: no column '{split.key}', whose values {split.path(path).name} lists "
+                            f"(columns: {', '.join(map(str, columns))}); set the split key to the right column")
+        if str(row.get(split.key, "")).strip() in ids:
+            seen += 1
+            yield line_no, row, columns
+    if seen == 0:
+        raise DataError(f"{path}: no row's '{split.key}' is among the {len(ids)} ids of split '{split.name}' "
+                        f"in {split.path(path)}")
 
 
 def _collect(

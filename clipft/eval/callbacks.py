@@ -26,7 +26,7 @@ from clipft.eval.metrics import (
     topk_accuracy,
     zero_shot_logits,
 )
-from clipft.eval.report import render_markdown, write_json_atomic, write_text_atomic
+from clipft.eval.report import by_set, render_markdown, write_json_atomic, write_text_atomic
 
 
 def _gather_objects(trainer: L.Trainer, items: list[Any]) -> list[Any]:
@@ -401,5 +401,7 @@ class RunReport(L.Callback):
         if trainer is not None and not trainer.is_global_zero:
             return
         report = {**self.extra, "metrics": self.metrics}
+        if by_set(self.metrics):  # eval.sets: each set's metrics together
+            report["sets"] = by_set(self.metrics)
         write_json_atomic(self.path, report)
         write_text_atomic(self.path.with_suffix(".md"), render_markdown(report))

@@ -33,6 +33,35 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+SETS_PREFIX = "val/sets/"
+
+
+def by_set(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``val/sets/<name>/<metric>`` keys as {name: {metric: value}} (report.json's ``sets``;
+    ``mean`` is the mean over the sets)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith(SETS_PREFIX):
+            name, _, metric = key[len(SETS_PREFIX):].partition("/")
+            out.setdefault(name, {})[metric] = value
+    return out
+
+
+def _sets_table(sets: dict[str, dict[str, float]]) -> list[str]:
+    """One row per evaluation set (the mean last): zero-shot top-1 and balanced accuracy per
+    task, retrieval R@1."""
+    present = {k for m in sets.values() for k in m}
+    tasks = sorted({k.split("/")[1] for k in present if k.startswith("zeroshot/")})
+    keys = [f"zeroshot/{t}/{m}" for t in tasks for m in ("top1", "mean_per_class_recall") if f"zeroshot/{t}/{m}" in present]
+    keys += [k for k in ("retrieval/i2t_r1", "retrieval/t2i_r1") if k in present]
+    header = [k.replace("zeroshot/", "").replace("mean_per_class_recall", "balanced").replace("retrieval/", "") for k in keys]
+    lines = ["## Evaluation sets", "", "| set | " + " | ".join(header) + " |", "|---|" + "---|" * len(keys)]
+    for name in sorted(sets, key=lambda n: (n == "mean", n)):
+        label = f"**{name}**" if name == "mean" else name
+        lines.append(f"| {label} | " + " | ".join(_fmt(sets[name].get(k, "")) for k in keys) + " |")
+    return lines + ["", "balanced: mean per-class recall; mean: over the sets.", ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     metrics: dict[str, float] = report.get("metrics", {})
     lines = [f"# clipft report: {report.get('run_dir', '')}", ""]
@@ -49,6 +78,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"pairs on each of {world} device{'s' if world != 1 else ''}: it depends on both)"
         )
     lines.append("")
+    if by_set(metrics):
+        lines += _sets_table(by_set(metrics))
     for section, title in _SECTIONS:
         rows = {k[len(f"val/{section}/"):]: v for k, v in metrics.items() if k.startswith(f"val/{section}/")}
         if not rows:

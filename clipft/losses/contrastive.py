@@ -47,6 +47,7 @@ def clip_contrastive_loss(
     all_image_features: Optional[Tensor] = None,
     all_text_features: Optional[Tensor] = None,
     offset: int = 0,
+    positives: Optional[Tensor] = None,
 ) -> Tensor:
     """Symmetric InfoNCE of Radford et al. 2021 (Fig. 3) for the local rows.
 
@@ -57,6 +58,10 @@ def clip_contrastive_loss(
         all_image_features, all_text_features: ``[N, D]`` features of all devices in
             rank order (gathered with gradients); ``None`` on a single device.
         offset: global index of this device's first pair (``rank * B``).
+        positives: ``[B, N]`` bool, the columns that are right answers for local row i (its own
+            pair included), the same for image→text and text→image (a symmetric relation such
+            as "same caption"): the target of row i is uniform over them, UniCL's
+            multi-positive cross-entropy (Yang et al., CVPR 2022, Eq. 3). None: pair i alone.
 
     Returns:
         The mean over local rows of ½(CE image→text + CE text→image).
@@ -69,7 +74,12 @@ def clip_contrastive_loss(
     logits_per_image, logits_per_text = clip_logits(
         image_features, text_features, logit_scale, all_image_features, all_text_features
     )
-    targets = torch.arange(image_features.shape[0], device=image_features.device) + offset
+    targets: Tensor = torch.arange(image_features.shape[0], device=image_features.device) + offset
+    if positives is not None:
+        rows = torch.arange(positives.shape[0], device=positives.device)
+        if not bool(positives[rows, rows + offset].all()):
+            raise ValueError("positives: each row's own pair must be among its positives")
+        targets = positives.float() / positives.sum(dim=1, keepdim=True)
     return (F.cross_entropy(upcast(logits_per_image), targets) + F.cross_entropy(upcast(logits_per_text), targets)) / 2
 
 

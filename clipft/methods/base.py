@@ -302,18 +302,30 @@ class ContrastiveMethod(L.LightningModule):
         return gathered.reshape(-1, *features.shape[1:])
 
     def contrastive_loss(
-        self, image_features: Tensor, text_features: Tensor, across_devices: bool = True, scale: Optional[Tensor] = None
+        self, image_features: Tensor, text_features: Tensor, across_devices: bool = True, scale: Optional[Tensor] = None,
+        positives: Optional[Tensor] = None,
     ) -> Tensor:
         """The model's pre-training loss for the local rows against the batch of every device
         (or of this device only): SigLIP's sigmoid loss for a model with a logit bias (SigLIP
-        models), else CLIP's; with the model's logit scale unless ``scale`` is given."""
+        models), else CLIP's; with the model's logit scale unless ``scale`` is given.
+        ``positives`` (:meth:`caption_positives`): the right answers of each row (CLIP's loss)."""
         rank = self.world_and_rank()[1] if across_devices else 0
         gather = self.gather if across_devices else (lambda features: features)
         offset = rank * image_features.shape[0]
         scale = self.logit_scale if scale is None else scale
         if getattr(self.model, "logit_bias", None) is not None:
             return siglip_loss(image_features, text_features, scale, self.model.logit_bias, gather(text_features), offset)
-        return clip_contrastive_loss(image_features, text_features, scale, gather(image_features), gather(text_features), offset)
+        return clip_contrastive_loss(image_features, text_features, scale, gather(image_features), gather(text_features), offset,
+                                     positives=positives)
+
+    def caption_positives(self, batch: Batch) -> Optional[Tensor]:
+        """With data.same_caption_positives: ``[B, N]``, pair i's caption equals pair j's (the
+        token ids, over every device's batch) — several images of one concept that share its
+        caption (two art styles of one emoji) are all right answers, not negatives. None otherwise."""
+        if not self.cfg.data.same_caption_positives:
+            return None
+        tokens = batch.texts
+        return (tokens[:, None, :] == self.gather(tokens)[None, :, :]).all(dim=-1)
 
     # ------------------------------------------------------------------ the hooks
 
@@ -330,7 +342,7 @@ class ContrastiveMethod(L.LightningModule):
     def loss_terms(self, features: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """Named loss terms of a training batch from its features (``encode_batch`` and
         ``frozen_features`` merged); the base weights and sums them."""
-        return {"contrastive": self.contrastive_loss(features["image"], features["text"])}
+        return {"contrastive": self.contrastive_loss(features["image"], features["text"], positives=self.caption_positives(batch))}
 
     def term_weights(self) -> dict[str, float]:
         """The weight of each loss term (1.0 for a term not named): ``method.loss_weights``."""

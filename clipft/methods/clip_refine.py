@@ -11,13 +11,18 @@ names the terms ``contrastive``, ``rafa`` and ``hycd``); see ``clipft/losses/ref
 RaFA and HyCD. Optimizer of the official recipe: AdamW, constant lr 1e-6, weight decay 0.1,
 one epoch (``recipes/clip_refine.yaml``).
 
-Two readings of the losses exist (docs/methods/clip_refine.md#paper-and-official-code-two-readings), both available:
+Three readings of the losses (docs/methods/clip_refine.md#paper-and-official-code-three-readings):
 
+* ``features: raw_rafa`` (the default) — RaFA as the official code, on the un-normalised
+  projected features with Gaussian references N(0, I) reduced as ``code``; HyCD on the
+  logit-scaled cosine similarities (the official code's HyCD on raw dot products is what costs
+  zero-shot accuracy here: benchmarks/results/clip_refine_tradeoff.md).
 * ``features: raw`` — the official code: RaFA and HyCD on the un-normalised projected
   features, Gaussian references N(0, I), HyCD on raw dot products without the logit scale
   (``hycd_logit_scale: false``), RaFA reduced as ``code`` (element-wise mean) or ``paper``.
 * ``features: normalized`` — unit features, references normalised onto the sphere
-  (``rafa_prior: sphere``), HyCD on the logit-scaled cosine similarities.
+  (``rafa_prior: sphere``), HyCD on the logit-scaled cosine similarities. Its RaFA has no
+  expected gradient (tested): in expectation this reading is HyCD alone.
 
 Which one is the default, and why, is in docs/methods/clip_refine.md (measured by ``benchmarks/clip_refine.py``).
 
@@ -53,10 +58,13 @@ FINGERPRINT_KEY = "clip_refine_teacher_sha256"
 class ClipRefineConfig(MethodConfig):
     name: str = "clip_refine"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 0.0, "rafa": 1.0, "hycd": 1.0})
-    # What RaFA and HyCD see: normalized (the default, docs/methods/clip_refine.md) or raw (the
-    # official code). The three options below default (null) to the chosen reading's values:
-    # normalized -> sphere, paper, true; raw -> gaussian, code, false.
-    features: str = "normalized"
+    # What RaFA and HyCD see: raw_rafa (RaFA on raw features as the official code, HyCD on unit
+    # features with the logit scales), raw (raw features for both, the official code) or
+    # normalized (unit features for both; its RaFA is noise in expectation);
+    # docs/methods/clip_refine.md. The three options below default (null) to the chosen
+    # reading's values: raw_rafa -> gaussian, code, true; raw -> gaussian, code, false;
+    # normalized -> sphere, paper, true.
+    features: str = "raw_rafa"
     rafa_prior: Optional[str] = None  # gaussian | uniform | sphere
     rafa_mean: float = 0.0  # μ of the prior N(μ·1, σ²I)
     rafa_std: float = 1.0  # σ
@@ -80,7 +88,9 @@ class ClipRefineConfig(MethodConfig):
 READINGS: dict[str, dict[str, Any]] = {
     "normalized": {"rafa_prior": "sphere", "rafa_reduction": "paper", "hycd_logit_scale": True},
     "raw": {"rafa_prior": "gaussian", "rafa_reduction": "code", "hycd_logit_scale": False},
+    "raw_rafa": {"rafa_prior": "gaussian", "rafa_reduction": "code", "hycd_logit_scale": True},
 }
+HYCD_ON_UNIT = ("normalized", "raw_rafa")  # readings whose HyCD compares unit features
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -157,6 +167,9 @@ class ClipRefine(ContrastiveMethod):
             device=image_features.device, dtype=torch.float32, generator=generator,
         )[rank * batch_size:(rank + 1) * batch_size]
         scaled = opts.hycd_logit_scale
+        if not normalize and opts.features in HYCD_ON_UNIT:  # raw_rafa: RaFA saw raw features, HyCD sees unit ones
+            image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+            teacher_image, teacher_text = F.normalize(teacher_image, dim=-1), F.normalize(teacher_text, dim=-1)
         distill = hycd(
             image_features, text_features, teacher_image, teacher_text,
             alpha=opts.hycd_alpha, temperature=opts.hycd_temperature,
@@ -175,7 +188,7 @@ class ClipRefine(ContrastiveMethod):
                 contrastive = self.contrastive_loss(unit_image, unit_text, across_devices=False)
         return {
             "contrastive": contrastive,
-            "rafa": rafa(image_features, text_features, references, opts.rafa_reduction),
+            "rafa": rafa(features["image"], features["text"], references, opts.rafa_reduction),
             "hycd": distill,
         }
 

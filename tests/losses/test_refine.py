@@ -167,3 +167,41 @@ def test_normalized_rafa_with_a_centred_sphere_prior_has_no_expected_gradient() 
     assert grad.abs().max().item() < 0.01
     one_draw = _expected_rafa(v, t, 1, normalize=True, prior="sphere")[1]
     assert one_draw.abs().max().item() > 0.05  # a single draw does push
+
+
+def _expected_rafa_both(v: torch.Tensor, t: torch.Tensor, draws: int, normalize: bool, reduction: str,
+                        **prior) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte-Carlo mean over ``draws`` reference draws of RaFA's gradient with respect to the
+    image and the text features (before the normalisation, when there is one)."""
+    v, t = v.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    fv, ft = (F.normalize(v, dim=1), F.normalize(t, dim=1)) if normalize else (v, t)
+    refs = sample_references(draws * v.shape[0], v.shape[1], **prior, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(1))
+    loss = rafa(fv.repeat(draws, 1), ft.repeat(draws, 1), refs, reduction)  # the mean over the draws
+    grad_v, grad_t = torch.autograd.grad(loss, [v, t])
+    return grad_v, grad_t
+
+
+def _means_distance(v: torch.Tensor, t: torch.Tensor) -> float:
+    return (v.mean(0) - t.mean(0)).norm().item()
+
+
+def test_expected_rafa_step_moves_the_modality_means_toward_each_other_only_on_raw_features() -> None:
+    """Issue 26: the raw readings (``raw``, ``raw_rafa``: Gaussian N(0, I) references, the code's
+    reduction) have an expected RaFA gradient 2(v − μ)/(BD) — analytic and Monte-Carlo agree — so
+    a step along it shrinks both modality means toward μ and the distance between them by the
+    factor 1 − 2η/(BD). The normalised reading's expected gradient is ~0: no pull at all."""
+    B, D = 4, 6
+    v, t = randn(B, D, seed=30) + 2.0, randn(B, D, seed=31) - 1.0  # two modalities with far-apart means
+    grad_v, grad_t = _expected_rafa_both(v, t, 40000, normalize=False, reduction="code", prior="gaussian")
+    assert torch.allclose(grad_v, 2 * v / (B * D), atol=0.01) and torch.allclose(grad_t, 2 * t / (B * D), atol=0.01)
+    eta = 1.0
+    before = _means_distance(v, t)
+    after = _means_distance(v - eta * grad_v, t - eta * grad_t)
+    assert after == pytest.approx((1 - 2 * eta / (B * D)) * before, rel=0.01) and after < 0.95 * before
+    # the normalised reading: unit features, references on the sphere, the paper's reduction
+    grad_v, grad_t = _expected_rafa_both(v, t, 40000, normalize=True, reduction="paper", prior="sphere")
+    assert max(grad_v.abs().max().item(), grad_t.abs().max().item()) < 0.01
+    unit = lambda x: F.normalize(x, dim=1)  # noqa: E731
+    shift = _means_distance(unit(v - eta * grad_v), unit(t - eta * grad_t)) - _means_distance(unit(v), unit(t))
+    assert abs(shift) < 0.005
