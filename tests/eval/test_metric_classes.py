@@ -165,3 +165,27 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
     for name in one:
         assert two[name] == pytest.approx(one[name], rel=1e-6, abs=1e-9), name
     assert one["retrieval"]["n_images"] == 23 and one["gap"]["n_pairs"] == 69
+
+
+def test_the_example_in_the_docs_runs() -> None:
+    """docs/evaluation.md's LightningModule, with a stand-in model, logs the metrics' numbers."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
+    block = text.split("In your own LightningModule", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "docs/evaluation.md", "exec"), namespace)
+    d = _retrieval_data(seed=6, n_images=10, captions=2)
+    identity = torch.nn.Module()
+    identity.encode_image = identity.encode_text = lambda x: x  # "images" and "texts" are features
+    module = namespace["MyCLIP"](identity)
+    logged: dict[str, float] = {}
+    module.log_dict = lambda values: logged.update({k: float(v) for k, v in values.items()})
+    for rows in (slice(0, 8), slice(8, None)):
+        batch = {"images": d["image"][rows], "texts": d["text"][rows], "image_ids": d["image_ids"][rows],
+                 "text_ids": d["text_ids"][rows]}
+        module.validation_step(batch, 0)
+    module.on_validation_epoch_end()
+    relevance, image_rows, text_rows = relevance_from_pairs(d["image_ids"].tolist(), d["text_ids"].tolist())
+    expected = retrieval_recall(d["image"][image_rows], d["text"][text_rows], relevance, ks=(1, 5))
+    assert logged["val/retrieval/i2t_r1"] == pytest.approx(expected["i2t_r1"])
+    assert logged["val/gap/n_pairs"] == 20 and "val/gap/linear_separability" in logged
+    assert module.retrieval.image_features == []  # reset for the next validation
