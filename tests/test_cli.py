@@ -169,6 +169,25 @@ def test_validate_writes_every_section(fast_overrides: list[str], capsys: pytest
     for key in ("val/loss", "val/retrieval/i2t_r1", "val/zeroshot/shape/top1", "val/compositional/SWAP",
                 "val/gap/centroid_distance", "val/gap/linear_separability", "val/gap/uniformity_union"):
         assert key in metrics, key
+    # the values: each section's numbers agree with each other and with what they count
+    m = {k.removeprefix("val/"): v for k, v in metrics.items()}
+    assert m["retrieval/n_images"] == m["gap/n_images"] == m["gap/n_pairs"] == 96  # data.synthetic.val_size
+    assert 0 < m["retrieval/n_texts"] <= 96  # distinct captions
+    for direction in ("i2t", "t2i"):
+        assert 0 <= m[f"retrieval/{direction}_r1"] <= m[f"retrieval/{direction}_r5"] <= m[f"retrieval/{direction}_r10"] <= 1
+    assert m["retrieval/mean_r1"] == pytest.approx((m["retrieval/i2t_r1"] + m["retrieval/t2i_r1"]) / 2)
+    assert m["retrieval/i2t_r10"] < 0.5  # the recipe starts from a random initialisation: near chance
+    assert 0 <= m["zeroshot/shape/top1"] <= m["zeroshot/shape/top5"] <= 1
+    assert 0 < m["zeroshot/shape/mean_per_class_recall"] <= 1
+    from clipft.eval.compositional import GROUPS
+
+    for group, members in GROUPS.items():
+        assert m[f"compositional/{group}"] == pytest.approx(sum(m[f"compositional/{s}"] for s in members) / len(members))
+    assert m["gap/centroid_mse"] == pytest.approx(m["gap/centroid_distance"] ** 2 / 64, rel=1e-5)  # D = 64
+    assert 0 < m["gap/centroid_distance"] <= m["gap/mean_pair_distance"] <= 2  # ‖mean of Δ‖ <= mean of ‖Δ‖
+    assert m["gap/alignment"] >= m["gap/mean_pair_distance"] ** 2 - 1e-6  # mean of ‖Δ‖² >= (mean of ‖Δ‖)²
+    assert 0.5 <= m["gap/linear_separability"] <= 1 and -4 <= m["gap/uniformity_union"] <= 0
+    assert m["loss"] > 0
     markdown = (run / "report.md").read_text()
     for title in ("## Retrieval", "## Zero-shot", "## Compositional", "## Modality gap", "![modality gap](gap.png)"):
         assert title in markdown, title

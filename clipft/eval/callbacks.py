@@ -19,11 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipft.data.datamodule import ShardSampler, collate_labelled
 from clipft.eval.metrics import (
+    ImageTextRetrieval,
+    ZeroShotAccuracy,
     build_zero_shot_classifier,
-    mean_per_class_recall,
-    relevance_from_pairs,
-    retrieval_recall,
-    topk_accuracy,
     zero_shot_logits,
 )
 from clipft.eval.report import by_set, render_markdown, write_json_atomic, write_text_atomic
@@ -147,10 +145,10 @@ class RetrievalCallback(L.Callback):
         pairs = self.features.get(pl_module)
         if pairs is None:
             return
-        relevance, image_rows, text_rows = relevance_from_pairs(pairs.image_ids, pairs.captions)
-        metrics = retrieval_recall(pairs.image[image_rows], pairs.text[text_rows], relevance, self.ks)
-        metrics["n_images"], metrics["n_texts"] = relevance.shape
-        for key, value in metrics.items():
+        # every rank holds every rank's features already: no second reduction
+        metric = ImageTextRetrieval(self.ks, sync_on_compute=False).to(pairs.image.device)
+        metric.update(pairs.image, pairs.text, _ids(pairs.image_ids), _ids(pairs.captions))
+        for key, value in metric.compute().items():
             pl_module.log(f"val/{self.name}/{key}", float(value), sync_dist=False, rank_zero_only=False)
 
 
@@ -169,33 +167,33 @@ class GapCallback(L.Callback):
         self.label: Optional[str] = None  # plot title prefix; default "step <global step>"
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from clipft.eval.gap import modality_gap_metrics
+        from clipft.eval.gap import ModalityGap
         from clipft.eval.plots import plot_modality_gap
 
         pairs = self.features.get(pl_module)
         if pairs is None or len(pairs.captions) < 4:
             return
         # one row per distinct (image, caption) pair (DDP pads ranks with repeated samples),
-        # sorted, so the numbers do not depend on how ranks interleaved the rows; capped by a
-        # seeded sample of images (the metrics cost O(N²))
-        distinct = {(i, c): n for n, (i, c) in enumerate(zip(pairs.image_ids, pairs.captions))}
-        keys = sorted(distinct)
-        image_ids = sorted({i for i, _ in keys})
-        if len(image_ids) > self.max_images:
-            pick = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(self.seed))
-            chosen = {image_ids[k] for k in pick[: self.max_images].tolist()}
-            keys = [k for k in keys if k[0] in chosen]
-        rows = [distinct[k] for k in keys]
-        group_of = {i: g for g, i in enumerate(sorted({i for i, _ in keys}))}
-        groups = torch.tensor([group_of[i] for i, _ in keys])
-        image, text = pairs.image[rows].cpu(), pairs.text[rows].cpu()
-        metrics = modality_gap_metrics(image, text, seed=self.seed, groups=groups)
-        metrics["n_pairs"], metrics["n_images"] = float(len(rows)), float(len(group_of))
+        # sorted (ids numbered in sorted order), so the numbers do not depend on how ranks
+        # interleaved the rows; capped by a seeded sample of images (the metrics cost O(N²));
+        # every rank holds every rank's features already: no second reduction
+        metric = ModalityGap(self.seed, self.max_images, sync_on_compute=False)
+        metric.update(pairs.image, pairs.text, _ids(pairs.image_ids, sort=True), _ids(pairs.captions, sort=True))
+        metrics = {key: value.item() for key, value in metric.compute().items()}
         for key, value in metrics.items():
             pl_module.log(f"val/gap/{key}", value, sync_dist=False, rank_zero_only=False)
         if self.plot_path is not None and trainer.is_global_zero and not trainer.sanity_checking:
             label = self.label or f"step {trainer.global_step}"
+            image, text, _ = metric.pairs()
             plot_modality_gap(image, text, metrics, self.plot_path, label=label)
+
+
+def _ids(names: Sequence[str], sort: bool = False) -> torch.Tensor:
+    """Integer ids of string names (equal names, equal ids), numbered in first-occurrence order
+    or, with ``sort``, in sorted order (so that sorting the ids sorts the names)."""
+    order = sorted(set(names)) if sort else list(dict.fromkeys(names))
+    index = {name: i for i, name in enumerate(order)}
+    return torch.tensor([index[name] for name in names], dtype=torch.long)
 
 
 class _Encoder:
@@ -273,17 +271,21 @@ class ZeroShotCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, pl_module: Any, task: ZeroShotTask) -> dict[str, float]:
         encoder = _Encoder(pl_module, self.batch_size)
-        features, labels = [], []
+        metric = ZeroShotAccuracy(len(task.class_names), ks=(1, 5)).to(pl_module.device)
+        trainer = pl_module._trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        real = ShardSampler.valid(len(task.dataset), world)[rank]  # this rank's shard less its padding
         with encoder.context():
             classifier = build_zero_shot_classifier(encoder.texts, task.class_names, task.templates)
             for images, batch_labels in _sharded_loader(pl_module, task.dataset, self.batch_size, self.num_workers):
-                features.append(encoder.images(images))
-                labels.append(batch_labels.to(pl_module.device))
-        image_features, labels_all = _gather_shards(pl_module, len(task.dataset), torch.cat(features), torch.cat(labels))
-        logits = zero_shot_logits(image_features, classifier, task.ensemble)
-        metrics = topk_accuracy(logits, labels_all, ks=(1, 5))
-        metrics["mean_per_class_recall"] = mean_per_class_recall(logits, labels_all)
-        return metrics
+                features = encoder.images(images)  # every batch, padding too: ZeRO-3 needs every rank's forward
+                keep = min(len(batch_labels), real)
+                real -= keep
+                if keep:
+                    logits = zero_shot_logits(features[:keep], classifier, task.ensemble)
+                    metric.update(logits, batch_labels[:keep].to(pl_module.device))
+        # torchmetrics sums the counts of every rank (each sample once)
+        return {key: value.item() for key, value in metric.compute().items()}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

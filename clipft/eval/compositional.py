@@ -17,10 +17,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
+import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 from clipft.data.synthetic import (
     COLOURS,
@@ -89,14 +92,19 @@ def load_benchmark(folder: str | Path, image_root: Optional[str | Path] = None) 
     return subsets
 
 
-def pair_accuracy(image: Tensor, positive: Tensor, negative: Tensor) -> float:
-    """Fraction of rows where cos(image, positive) > cos(image, negative) (L2-normalised
-    inputs; a tie counts as wrong)."""
+def pair_hits(image: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+    """Per row, whether cos(image, positive) > cos(image, negative) (L2-normalised inputs; a tie
+    counts as wrong)."""
     if not (image.shape == positive.shape == negative.shape):
         raise ValueError(f"shapes differ: {tuple(image.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}")
     pos = (image * positive).sum(-1)
     neg = (image * negative).sum(-1)
-    return (pos > neg).double().mean().item()
+    return pos > neg
+
+
+def pair_accuracy(image: Tensor, positive: Tensor, negative: Tensor) -> float:
+    """Fraction of rows of :func:`pair_hits`."""
+    return pair_hits(image, positive, negative).double().mean().item()
 
 
 def group_averages(per_subset: dict[str, float]) -> dict[str, float]:
@@ -232,10 +240,45 @@ def evaluate(
     text_features = encode_texts(texts)
     image_row = {path: i for i, path in enumerate(images)}
     text_row = {text: i for i, text in enumerate(texts)}
-    per_subset = {}
+    metric = CompositionalAccuracy(sync_on_compute=False).to(image_features.device)  # every rank has every item
     for subset, members in subsets.items():
         image = image_features[[image_row[i.image] for i in members]]
         positive = text_features[[text_row[i.caption] for i in members]]
         negative = text_features[[text_row[i.negative] for i in members]]
-        per_subset[subset] = pair_accuracy(image, positive, negative)
-    return {**per_subset, **group_averages(per_subset)}
+        metric.update(image, positive, negative, subset)
+    return {k: v.item() for k, v in metric.compute().items()}
+
+
+class CompositionalAccuracy(Metric):
+    """SugarCrepe's compositional accuracy (Hsieh et al., NeurIPS 2023): an item is right when
+    cos(image, caption) > cos(image, negative caption) (a tie is wrong).
+
+    ``update(image [N, D], positive [N, D], negative [N, D], subset)``: L2-normalised features
+    of N items of one subset (a name of ``subsets``). ``compute()`` returns the accuracy of
+    each subset that has items and the mean over the subsets present of each group (REPLACE,
+    SWAP, ADD). States are per-subset counts, summed across processes.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, subsets: Sequence[str] = SUBSETS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.subsets = tuple(subsets)
+        self.add_state("correct", torch.zeros(len(self.subsets), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(len(self.subsets), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, image: Tensor, positive: Tensor, negative: Tensor, subset: str) -> None:
+        if subset not in self.subsets:
+            raise ValueError(f"subset '{subset}' is not one of: {', '.join(self.subsets)}")
+        index = self.subsets.index(subset)
+        self.correct[index] += pair_hits(image, positive, negative).sum().to(self.correct)
+        self.total[index] += image.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        per_subset = {
+            s: (self.correct[i].double() / self.total[i]).item() for i, s in enumerate(self.subsets) if self.total[i] > 0
+        }
+        out = {**per_subset, **group_averages(per_subset)}
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}

@@ -17,10 +17,14 @@ each is a pair, and return plain floats. Formulas (the papers named below; docs/
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from clipft.eval.metrics import check_rows
 
 
 def _check_pairs(image: Tensor, text: Tensor) -> None:
@@ -164,3 +168,67 @@ def modality_gap_metrics(image: Tensor, text: Tensor, seed: int = 0, groups: Opt
         "uniformity_union": uniformity(torch.cat([images, text])),
         "relative_alignment": relative_alignment(image, text, groups),
     }
+
+
+class ModalityGap(Metric):
+    """The modality-gap family of paired image and text embeddings
+    (:func:`clipft.eval.gap.modality_gap_metrics`): centroid distance and MSE, mean pair
+    distance, linear separability, alignment, uniformity (images, texts, union) and relative
+    alignment, plus ``n_pairs`` and ``n_images``.
+
+    ``update(image [N, D], text [N, D], image_ids=None, text_ids=None)``: L2-normalised features
+    of N pairs. With integer ids (the same on every process for the same item), each distinct
+    (image, text) pair counts once, an image with several captions is one image (its
+    uniformity, the separability split), and the result does not depend on the order of the
+    rows; without ids every row is its own image and text. ``max_images`` caps the images
+    scored (a seeded sample; the metrics cost O(N²)); ``seed`` also seeds the separability
+    splits. Features are list states, concatenated across processes.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, seed: int = 0, max_images: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.max_images = max_images
+        for name in ("image", "text", "image_ids", "text_ids"):
+            self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(self, image: Tensor, text: Tensor, image_ids: Optional[Tensor] = None,
+               text_ids: Optional[Tensor] = None) -> None:
+        if (image_ids is None) != (text_ids is None):
+            raise ValueError("ModalityGap.update: pass both image_ids and text_ids, or neither")
+        if image_ids is None or text_ids is None:
+            image_ids = text_ids = torch.full((image.shape[0],), -1, dtype=torch.long)
+        check_rows(image, text, image_ids, text_ids)
+        self.image.append(image.detach().float())
+        self.text.append(text.detach().float())
+        self.image_ids.append(image_ids.to(image.device, torch.long))
+        self.text_ids.append(text_ids.to(image.device, torch.long))
+
+    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(image, text, groups)`` on the CPU: the distinct pairs scored, sorted by (image id,
+        text id), and each row's image index (0 .. n_images - 1)."""
+        image, text = dim_zero_cat(self.image).cpu(), dim_zero_cat(self.text).cpu()
+        image_ids, text_ids = dim_zero_cat(self.image_ids).cpu(), dim_zero_cat(self.text_ids).cpu()
+        if bool((image_ids < 0).any()):
+            if not bool((image_ids < 0).all()):
+                raise ValueError("ModalityGap: some updates passed ids and some did not")
+            image_ids = text_ids = torch.arange(len(image))
+        distinct = {(i, t): n for n, (i, t) in enumerate(zip(image_ids.tolist(), text_ids.tolist()))}
+        keys = sorted(distinct)
+        images = sorted({i for i, _ in keys})
+        if self.max_images is not None and len(images) > self.max_images:
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
+            chosen = {images[k] for k in pick[: self.max_images].tolist()}
+            keys = [k for k in keys if k[0] in chosen]
+        group_of = {i: g for g, i in enumerate(sorted({i for i, _ in keys}))}
+        rows = [distinct[k] for k in keys]
+        return image[rows], text[rows], torch.tensor([group_of[i] for i, _ in keys])
+
+    def compute(self) -> dict[str, Tensor]:
+        image, text, groups = self.pairs()
+        out = modality_gap_metrics(image, text, seed=self.seed, groups=groups)
+        out["n_pairs"], out["n_images"] = float(len(groups)), float(int(groups.max()) + 1)
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}

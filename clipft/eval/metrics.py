@@ -17,12 +17,17 @@ Conventions shared by all functions:
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
+    "ImageTextRetrieval",
+    "ZeroShotAccuracy",
     "build_zero_shot_classifier",
     "relevance_from_pairs",
     "retrieval_recall",
@@ -308,10 +313,19 @@ def topk_accuracy(
     Raises:
         ValueError: On mismatched shapes, empty input, invalid ``ks`` or out-of-range labels.
     """
-    ks_list = _validate_ks(ks)
+    metric = ZeroShotAccuracy(logits.shape[-1] if logits.ndim == 2 else 0, ks, sync_on_compute=False)
+    metric.update(logits, labels)
+    return {k: v.item() for k, v in metric.compute().items() if k.startswith("top")}
+
+
+def check_logits_and_labels(logits: Tensor, labels: Tensor, n_classes: Optional[int] = None) -> None:
+    """``logits [N, C]`` and integer ``labels [N]`` in ``[0, C)`` (C = ``n_classes`` if given)."""
     if logits.ndim != 2:
         raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
-    n_samples, n_classes = logits.shape
+    n_samples = logits.shape[0]
+    if n_classes is not None and logits.shape[1] != n_classes:
+        raise ValueError(f"logits have {logits.shape[1]} classes, the metric was made for {n_classes}")
+    n_classes = logits.shape[1]
     if labels.ndim != 1 or labels.shape[0] != n_samples:
         raise ValueError(
             f"labels must be [N] with N = {n_samples}, got shape {tuple(labels.shape)}"
@@ -327,16 +341,6 @@ def topk_accuracy(
             f"labels must lie in [0, {n_classes}), "
             f"got range [{labels.min().item()}, {labels.max().item()}]"
         )
-
-    labels = labels.to(logits.device)
-    max_k = min(max(ks_list), n_classes)
-    top_indices = logits.topk(max_k, dim=1).indices
-    # [N, max_k] with at most one True per row; on CPU so the float64 mean is supported.
-    correct = (top_indices == labels.unsqueeze(1)).cpu()
-    return {
-        f"top{k}": correct[:, : min(k, n_classes)].any(dim=1).double().mean().item()
-        for k in ks_list
-    }
 
 
 def build_zero_shot_classifier(
@@ -428,9 +432,112 @@ def mean_per_class_recall(logits: Tensor, labels: Tensor) -> float:
     """Top-1 recall of each class that has at least one sample, averaged over those classes
     (balanced accuracy). Classes that are only predicted, never true, are left out: their
     recall is undefined, and counting them as 0 would punish a task whose label set is a
-    subset of the classifier's classes."""
+    subset of the classifier's classes. (:class:`~clipft.eval.ZeroShotAccuracy` computes it.)"""
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    predictions = logits.argmax(dim=1)
-    recalls = [(predictions[labels == c] == c).double().mean() for c in labels.unique()]
-    return torch.stack(recalls).mean().item()
+    metric = ZeroShotAccuracy(logits.shape[1], ks=(1,), sync_on_compute=False)
+    metric.update(logits, labels)
+    return metric.compute()["mean_per_class_recall"].item()
+
+
+# ------------------------------------------------------------- as torchmetrics Metrics
+
+
+class ZeroShotAccuracy(Metric):
+    """Top-K accuracy and balanced accuracy of classification scores.
+
+    ``update(logits [N, C], labels [N])``; ``compute()`` returns ``{"top{k}": ...,
+    "mean_per_class_recall": ...}`` (float64 tensors). Top-K: the fraction of samples whose label
+    is among the K best scores (ties broken by :func:`torch.topk`; K clipped to C, so ``top5``
+    of 3 classes is 1). Balanced accuracy: the top-1 recall of each class that has samples,
+    averaged over those classes (a class that is only predicted is left out). States are
+    counts, summed across processes.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ks: Sequence[int] = (1, 5), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ks = tuple(_validate_ks(ks))
+        self.num_classes = num_classes
+        self.add_state("hits", torch.zeros(len(self.ks), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("class_hits", torch.zeros(max(num_classes, 0), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("class_support", torch.zeros(max(num_classes, 0), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        check_logits_and_labels(logits, labels, self.num_classes)
+        labels = labels.to(logits.device)
+        n_classes = logits.shape[1]
+        top = logits.topk(min(max(self.ks), n_classes), dim=1).indices
+        correct = top == labels.unsqueeze(1)  # at most one True per row
+        self.hits += torch.stack([correct[:, : min(k, n_classes)].any(dim=1).sum() for k in self.ks]).to(self.hits)
+        self.total += labels.numel()
+        right = logits.argmax(dim=1) == labels
+        self.class_support += torch.bincount(labels, minlength=n_classes).to(self.class_support)
+        self.class_hits += torch.bincount(labels[right], minlength=n_classes).to(self.class_hits)
+
+    def compute(self) -> dict[str, Tensor]:
+        total = self.total.double()
+        out = {f"top{k}": self.hits[i].double() / total for i, k in enumerate(self.ks)}
+        present = self.class_support > 0
+        out["mean_per_class_recall"] = (self.class_hits[present].double() / self.class_support[present]).mean()
+        return out
+
+
+class ImageTextRetrieval(Metric):
+    """Image→text and text→image R@K: the fraction of queries with a relevant item in the top K.
+
+    ``update(image_features [N, D], text_features [N, D], image_ids [N], text_ids [N])`` with one
+    row per (image, caption) pair, L2-normalised features, and integer ids that name the image
+    and the caption of each row (the same id on every process for the same item: a dataset
+    index, say). Rows of one image id are one gallery image, rows of one text id one gallery
+    text, relevant to every image it was paired with; so several captions per image, a caption
+    shared by several images, and the repeated samples a distributed sampler pads with are all
+    counted once. ``compute()`` returns ``{"i2t_r{k}", "t2i_r{k}", "mean_r1", "n_images",
+    "n_texts"}`` through :func:`clipft.eval.metrics.retrieval_recall`: its tie rule (a relevant
+    item tied with non-relevant ones ranks behind them) and its chunked scoring (``chunk_size``
+    query rows at a time; the full similarity matrix is never built). Features are kept as
+    list states, concatenated across processes.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ks = tuple(_validate_ks(ks))
+        self.chunk_size = chunk_size
+        for name in ("image_features", "text_features", "image_ids", "text_ids"):
+            self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor, text_ids: Tensor) -> None:
+        check_rows(image_features, text_features, image_ids, text_ids)
+        self.image_features.append(image_features.detach().float())
+        self.text_features.append(text_features.detach().float())
+        self.image_ids.append(image_ids.to(image_features.device, torch.long))
+        self.text_ids.append(text_ids.to(image_features.device, torch.long))
+
+    def compute(self) -> dict[str, Tensor]:
+        image, text = dim_zero_cat(self.image_features), dim_zero_cat(self.text_features)
+        relevance, image_rows, text_rows = relevance_from_pairs(
+            dim_zero_cat(self.image_ids).tolist(), dim_zero_cat(self.text_ids).tolist()
+        )
+        out = retrieval_recall(image[image_rows], text[text_rows], relevance, self.ks, self.chunk_size)
+        out["n_images"], out["n_texts"] = relevance.shape
+        return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in out.items()}
+
+
+def check_rows(image: Tensor, text: Tensor, image_ids: Tensor, text_ids: Tensor) -> None:
+    if image.ndim != 2 or image.shape != text.shape:
+        raise ValueError(f"expected paired features of equal shape [N, D], got {tuple(image.shape)} and {tuple(text.shape)}")
+    if image_ids.shape != (image.shape[0],) or text_ids.shape != (image.shape[0],):
+        raise ValueError(
+            f"expected one image id and one text id per row ({image.shape[0]}), got shapes "
+            f"{tuple(image_ids.shape)} and {tuple(text_ids.shape)}"
+        )
+    if image_ids.dtype.is_floating_point or text_ids.dtype.is_floating_point:
+        raise ValueError("image_ids and text_ids must be integer tensors")

@@ -84,25 +84,28 @@ class Images(torch.utils.data.Dataset):
 
 
 def test_zero_shot_callback_mean_vs_max() -> None:
-    # 2 classes × 2 templates over a 4-word vocabulary; images are one-hot on words.
+    # 2 classes × 2 templates over a 4-word vocabulary; text features are one-hot on words.
     vocab = ["cat-a", "cat-b", "dog-a", "dog-b"]
     module = FakeModule(vocab)
     templates = lambda name: [f"{name}-a", f"{name}-b"]  # noqa: E731
-    # image 0 matches "cat-a" exactly; image 1 is between dog-a and cat-b, closer to dog-a
-    features = torch.stack([torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0.6, 0.8, 0])])
-    data = Images(features, [0, 1])
-    for ensemble, expected in (("max", 1.0), ("mean", 1.0)):
+    # image 0 (a cat): its best template is cat-a (0.9 > 0.7), so max says cat; but both dog
+    # templates score 0.7, so the mean of the dog templates wins (1.4/√2 > 0.9/√2): mean says dog.
+    # images 1 (cat) and 2 (dog) are one-hot on their class: both rules are right.
+    features = torch.tensor([[0.9, 0.0, 0.7, 0.7], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    data = Images(features, [0, 0, 1])
+    expected = {"max": (1.0, 1.0), "mean": (2 / 3, (1 / 2 + 1) / 2)}  # (top1, balanced accuracy)
+    for ensemble, (top1, balanced) in expected.items():
         task = ZeroShotTask("animals", data, ["cat", "dog"], templates, ensemble)
         callback = ZeroShotCallback([task], batch_size=1)
         callback.on_validation_epoch_end(module.trainer, module)
-        assert module.logged["val/zeroshot/animals/top1"] == expected
+        assert module.logged["val/zeroshot/animals/top1"] == pytest.approx(top1), ensemble
+        assert module.logged["val/zeroshot/animals/mean_per_class_recall"] == pytest.approx(balanced), ensemble
         assert module.logged["val/zeroshot/animals/top5"] == 1.0
-    # labels swapped: every prediction wrong
-    task = ZeroShotTask("swapped", Images(features, [1, 0]), ["cat", "dog"], templates, "max")
+    # labels swapped: every prediction of max wrong
+    task = ZeroShotTask("swapped", Images(features, [1, 1, 0]), ["cat", "dog"], templates, "max")
     ZeroShotCallback([task]).on_validation_epoch_end(module.trainer, module)
     assert module.logged["val/zeroshot/swapped/top1"] == 0.0
     assert module.logged["val/zeroshot/swapped/mean_per_class_recall"] == 0.0
-    assert module.logged["val/zeroshot/animals/mean_per_class_recall"] == 1.0
 
 
 def test_run_report_writes_val_metrics(tmp_path: Path) -> None:

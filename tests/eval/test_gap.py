@@ -109,3 +109,12 @@ def test_several_captions_per_image() -> None:
     metrics = modality_gap_metrics(image, text, groups=groups)
     assert metrics["uniformity_image"] == pytest.approx(uniformity(images))
 
+
+
+def test_separability_is_scored_on_pairs_the_probe_did_not_see() -> None:
+    """Few random pairs in many dimensions: any 32 points can be split by a hyperplane in 64-D,
+    so a probe scored on its own training pairs reads ~1.0; on held-out pairs it is chance."""
+    g = torch.Generator().manual_seed(5)
+    image = F.normalize(torch.randn(16, 64, generator=g, dtype=torch.float64), dim=1)
+    text = F.normalize(torch.randn(16, 64, generator=g, dtype=torch.float64), dim=1)
+    assert linear_separability(image, text, seed=0) < 0.75

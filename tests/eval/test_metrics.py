@@ -198,6 +198,25 @@ def test_k_larger_than_gallery_is_clipped() -> None:
     assert result["i2t_r10"] == result["t2i_r10"] == 1.0
 
 
+def test_k_is_clipped_by_each_directions_own_gallery() -> None:
+    """Non-square galleries: K is clipped by the number of texts for image queries and by the
+    number of images for text queries, never by the other modality's count."""
+    # 2 images x 3 captions each: image a has two of b's captions above all of its own (hit at
+    # K = 3 only); clipping K by the 2 images would make that a miss
+    relevance, _, _ = relevance_from_pairs(["a"] * 3 + ["b"] * 3, ["a1", "a2", "a3", "b1", "b2", "b3"])
+    images = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    texts = torch.tensor([[0.5, 0, 1], [0.4, 0, 1], [0.3, 0, 1], [0.9, 1, 0], [0.8, 1, 0], [0.0, 1, 0]])
+    result = retrieval_recall(images, texts, relevance, ks=(2, 3))
+    assert (result["i2t_r2"], result["i2t_r3"]) == (0.5, 1.0)
+    assert result["t2i_r2"] == result["t2i_r3"] == 1.0
+    # 3 images, 2 captions ("dog" for x and y): "cat" has x and y above its image z, a hit
+    # only at K = 3 = the number of images (clipping K by the 2 texts would make it a miss)
+    relevance, _, _ = relevance_from_pairs(["x", "y", "z"], ["dog", "dog", "cat"])
+    texts = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.1]])
+    result = retrieval_recall(torch.eye(3), texts, relevance, ks=(2, 3))
+    assert (result["t2i_r2"], result["t2i_r3"]) == (0.5, 1.0)
+
+
 def test_retrieval_recall_errors() -> None:
     feats = torch.eye(3)
     rel = torch.eye(3, dtype=torch.bool)

@@ -192,3 +192,29 @@ def test_a_trainable_parameter_the_loss_never_uses_stops_the_first_step() -> Non
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(RuntimeError, match="does not use: model.unused_weight"):
         trainer.fit(method, train_dataloaders=DataLoader([_pairs(method, 4)], batch_size=None))
+
+
+def test_training_gap_is_logged_from_unit_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train/gap`` and ``train/pair_distance`` are the geometry of the unit embeddings, also for
+    a method whose loss sees raw features (CLIP-Refine's ``features: raw``): the same numbers as
+    the validation gap metrics on the normalised features."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from clipft.eval.gap import centroid_distance, mean_pair_distance
+
+    torch.manual_seed(0)
+    method = build_method(load_config(None, ["method.name=clip_refine", "method.features=raw"]))
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(method, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(method, "_trainer", SimpleNamespace(world_size=1, global_rank=0, global_step=0))
+    captions = ["a red circle", "a blue star", "a green cross", "a cyan square"]
+    batch = Batch(torch.randn(4, 3, 32, 32), method.tokenizer(captions), captions, list("0123"))
+    features = method.batch_features(batch)
+    image, text = features["image"].detach(), features["text"].detach()
+    assert not torch.allclose(image.norm(dim=-1), torch.ones(4), atol=0.05)  # raw: not unit
+    method.loss_terms(features, batch)
+    unit_image, unit_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    assert logged["train/gap"] == pytest.approx(centroid_distance(unit_image, unit_text), rel=1e-5)
+    assert logged["train/pair_distance"] == pytest.approx(mean_pair_distance(unit_image, unit_text), rel=1e-5)

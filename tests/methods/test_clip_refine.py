@@ -4,6 +4,7 @@ the modality gap of the shipped pre-trained tiny model."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,42 @@ def test_raw_rafa_reading_aligns_raw_features_and_distils_unit_ones() -> None:
     expected = hycd(unit["image"], unit["text"], unit["teacher_image"], unit["teacher_text"],
                     logit_scale=method.logit_scale, teacher_logit_scale=method.teacher.logit_scale.exp())
     assert terms["hycd"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("features", ["normalized", "raw"])
+def test_terms_equal_the_loss_functions_with_each_models_own_scale(features: str) -> None:
+    """The method's HyCD and RaFA terms are the functions of clipft/losses/refine.py on its
+    features: HyCD with the student's logit scale on the student's similarities and the
+    teacher's on the teacher's. The two scales are made unequal (a run starts with them equal,
+    where swapping them would go unnoticed)."""
+    from clipft.losses.refine import hycd, rafa, sample_references
+
+    torch.manual_seed(0)
+    method = build_method(load_config(None, ["method.name=clip_refine", "model.pretrained=synthetic",
+                                             f"method.features={features}"]))
+    with torch.no_grad():
+        method.model.logit_scale.fill_(math.log(20.0))  # teacher keeps the shipped start's scale
+        for param in method.model.visual.parameters():  # and the student moves off the teacher
+            param.add_(0.02 * torch.randn_like(param))
+    student_scale, teacher_scale = method.logit_scale, method.teacher.logit_scale.exp()
+    assert abs(student_scale.item() - teacher_scale.item()) > 5
+    batch = _batch(method)
+    features_ = method.batch_features(batch)
+    terms = method.loss_terms(features_, batch)
+    opts = method.options
+    image, text = features_["image"], features_["text"]
+    scaled = features == "normalized"
+    expected = hycd(image, text, features_["teacher_image"], features_["teacher_text"], alpha=opts.hycd_alpha,
+                    temperature=opts.hycd_temperature, logit_scale=student_scale if scaled else None,
+                    teacher_logit_scale=teacher_scale if scaled else None)
+    torch.testing.assert_close(terms["hycd"], expected)
+    if scaled:  # each scale matters: the other one in either place gives another number
+        for wrong in ({"logit_scale": teacher_scale, "teacher_logit_scale": teacher_scale},
+                      {"logit_scale": student_scale, "teacher_logit_scale": student_scale}):
+            other = hycd(image, text, features_["teacher_image"], features_["teacher_text"], alpha=opts.hycd_alpha,
+                         temperature=opts.hycd_temperature, **wrong)
+            assert abs(other.item() - terms["hycd"].item()) > 1e-3 * abs(terms["hycd"].item())
+    generator = torch.Generator().manual_seed(method.cfg.run.seed * 1_000_003 + method.global_step)
+    references = sample_references(len(batch), image.shape[1], prior=opts.rafa_prior, mean=opts.rafa_mean,
+                                   std=opts.rafa_std, generator=generator)
+    torch.testing.assert_close(terms["rafa"], rafa(image, text, references, opts.rafa_reduction))
