@@ -121,12 +121,12 @@ MUTANTS = [
 ]
 
 
-def run(mutant: Mutant, timeout: int, tests: tuple[str, ...] = ()) -> tuple[Optional[bool], float]:
+def run(mutant: Mutant, timeout: int, tests: tuple[str, ...] = ()) -> tuple[Optional[bool], float, str]:
     path = ROOT / mutant.path
     original = path.read_text()
     if original.count(mutant.old) != 1:
-        print(f"| {mutant.name} | {mutant.path} | skipped: the text occurs {original.count(mutant.old)} times | |")
-        return None, 0.0
+        print(f"| {mutant.name} | {mutant.path} | skipped: the text occurs {original.count(mutant.old)} times | | |")
+        return None, 0.0, ""
     start = time.time()
     try:
         path.write_text(original.replace(mutant.old, mutant.new))
@@ -135,11 +135,13 @@ def run(mutant: Mutant, timeout: int, tests: tuple[str, ...] = ()) -> tuple[Opti
             result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                                      *(tests or (*mutant.tests, "-k", SKIP))], cwd=ROOT, env=env, capture_output=True, timeout=timeout)
             killed = result.returncode != 0
+            failed = [line.split(" ")[1] for line in result.stdout.decode().splitlines() if line.startswith(("FAILED", "ERROR"))]
+            by = failed[0].split("::")[-1] if failed else ("" if not killed else f"pytest exit {result.returncode}")
         except subprocess.TimeoutExpired:
-            killed = True  # a mutant that hangs the tests is noticed
+            killed, by = True, "timeout"  # a mutant that hangs the tests is noticed
     finally:
         path.write_text(original)
-    return killed, time.time() - start
+    return killed, time.time() - start, by
 
 
 def main(argv: list[str]) -> int:
@@ -149,15 +151,15 @@ def main(argv: list[str]) -> int:
         argv = argv[: argv.index("--tests")]
     chosen = [m for m in MUTANTS if not argv or any(word in m.name for word in argv)]
     killed = 0
-    print("| mutant | file | killed | seconds |\n|---|---|---|---|", flush=True)
+    print("| mutant | file | killed | by | seconds |\n|---|---|---|---|---|", flush=True)
     ran = 0
     for mutant in chosen:
-        dead, seconds = run(mutant, timeout=900, tests=tests)
+        dead, seconds, by = run(mutant, timeout=900, tests=tests)
         if dead is None:
             continue
         ran += 1
         killed += dead
-        print(f"| {mutant.name} | {mutant.path} | {'yes' if dead else '**no**'} | {seconds:.0f} |", flush=True)
+        print(f"| {mutant.name} | {mutant.path} | {'yes' if dead else '**no**'} | {by} | {seconds:.0f} |", flush=True)
     print(f"\nkilled {killed} of {ran}")
     return 0
 

@@ -142,10 +142,11 @@ def retrieval_recall(
     """Image->text and text->image Recall@K, as reported in CLIP retrieval benchmarks.
 
     Recall@K here is the *fraction of queries with at least one relevant item in the top K*
-    (the COCO/Flickr convention). This is a different quantity from torchmetrics'
-    ``RetrievalRecall``, which measures the fraction of a query's relevant items that are
-    retrieved; with five captions per image the two disagree, which is why it is
-    implemented here.
+    (the COCO/Flickr convention): torchmetrics' ``RetrievalHitRate`` on the flattened scores,
+    not its ``RetrievalRecall`` (the fraction of a query's relevant items retrieved). It is
+    computed here for the tie rule below and the chunked scoring (``RetrievalHitRate`` takes
+    every score at once and orders ties by position); :class:`ImageTextRetrieval` is this
+    function as a torchmetrics ``Metric``.
 
     Features must already be L2-normalised: they are **not** re-normalised, so the dot
     product is the cosine similarity. Similarities are computed in float32 (half-precision

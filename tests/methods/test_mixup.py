@@ -66,6 +66,25 @@ def test_every_m3mix_term_is_its_function_with_its_own_lambda() -> None:
         assert abs(wrong.item() - terms[name].item()) > 1e-4, name
 
 
+def test_mixup_terms_decay_with_the_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """c(e) = 1/(e+1) for the 0-based epoch e: at epoch 2 every mixup term is a third of its
+    function's value, the CLIP term is not decayed; ``decay: none`` leaves them whole."""
+    from types import SimpleNamespace
+
+    for decay, factor in (("epoch", 1 / 3), ("none", 1.0)):
+        method = build_method(load_config("recipes/m3mix.yaml", [f"method.decay={decay}"]))
+        monkeypatch.setattr(method, "_trainer", SimpleNamespace(world_size=1, global_rank=0, global_step=0, current_epoch=2))
+        batch = _batch(method)
+        features = method.batch_features(batch)
+        terms = method.loss_terms(features, batch)
+        lam = method.mixing_weights()
+        image, text, scale = features["image"], features["text"], 1 / method.options.temperature
+        expected = m2mix_loss(image, text, lam["m2mix"], 1 / method.options.m2mix_temperature)
+        torch.testing.assert_close(terms["m2mix"], factor * expected)
+        torch.testing.assert_close(terms["vl"], factor * joint_mixup_loss(image, text, lam["vl"], scale))
+        torch.testing.assert_close(terms["contrastive"], method.contrastive_loss(image, text, scale=torch.tensor(scale)))
+
+
 @pytest.mark.parametrize("recipe", ["m2mix", "m3mix"])
 def test_short_runs_of_the_presets(recipe: str, tmp_path: Path) -> None:
     from clipft.runner import fit, validate
