@@ -175,8 +175,12 @@ def open_clip_train_throughput(work: Path, sizes: Sizes, train: Path) -> dict:
         return {"row": row, "status": f"skipped: open_clip_train.main does not import ({_tail(out)}); carry its wheels: --wheels DIR"}
     shards = sorted(p.name for p in train.glob("shard-*.tar"))
     pattern = f"{train}/shard-{{{shards[0][6:12]}..{shards[-1][6:12]}}}.tar"
+    # open_clip_train knows open_clip's own model configs; clipft's (the CPU smoke's tiny model)
+    # are added first, the one step it lacks
+    start = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+             "from open_clip_train.main import main; main(sys.argv[2:])")
     code, out = _run([
-        sys.executable, "-m", "open_clip_train.main", "--train-data", pattern, "--train-num-samples",
+        sys.executable, "-c", start, str(ROOT / "clipft" / "models" / "configs"), "--train-data", pattern, "--train-num-samples",
         str(sizes.samples), "--dataset-type", "webdataset", "--model", sizes.model, "--precision", sizes.precision,
         "--batch-size", str(sizes.batch), "--epochs", "1", "--workers", str(sizes.workers), "--lr", "1e-5",
         "--warmup", "0", "--log-every-n-steps", "1", "--report-to", "", "--name", "gpu_check",
@@ -230,6 +234,7 @@ def _compute_bound(sizes: Sizes) -> dict:
 
 def recipe_memory(work: Path, sizes: Sizes, recipe: str) -> dict:
     """A paper recipe at its real size and batch for a few steps; peak memory vs the estimate."""
+    import clipft.methods  # noqa: F401  (the recipes' method settings register before they are composed)
     from clipft.config import load_config
     from clipft.memory import GiB, estimate
     from clipft.smoke import smoke_config
