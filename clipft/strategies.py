@@ -14,7 +14,7 @@ import logging
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -91,8 +91,6 @@ class SafeDeepSpeedStrategy(DeepSpeedStrategy):
         partitions with DeepSpeed's ``safe_set_full_*`` functions, then the optimizer's step
         count; Lightning's state (loops, scheduler, callbacks) comes from rank 0's model-states
         file as usual."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         saved = zero_checkpoint.saved_world_size(path)
         log.info("resuming a ZeRO checkpoint written by %d ranks on %d: resharding its weights and optimizer state",
                  saved, self.world_size)
@@ -115,9 +113,9 @@ class SafeDeepSpeedStrategy(DeepSpeedStrategy):
                 else:
                     param.data.copy_(value.to(param.dtype))
                 if param.requires_grad:
-                    safe_set_full_fp32_param(param, value.float())
+                    _set_full_fp32_state(param, value.float())
                     for key, by_name in moments.items():
-                        safe_set_full_optimizer_state(param, by_name[name].to(param.device).float(), key)
+                        _set_full_fp32_state(param, by_name[name].to(param.device).float(), key)
             for name, buffer in module.named_buffers():
                 if name in weights:
                     buffer.copy_(weights[name].to(buffer))
@@ -128,6 +126,35 @@ class SafeDeepSpeedStrategy(DeepSpeedStrategy):
         for key in _DEEPSPEED_KEYS:
             client.pop(key, None)
         return client
+
+
+def _set_full_fp32_state(param: torch.nn.Parameter, value: torch.Tensor, key: Optional[str] = None) -> None:
+    """Write this rank's part of a full fp32 tensor (the master weight, or Adam moment ``key``)
+    into the ZeRO optimizer's partition of ``param``. ZeRO-1/2: DeepSpeed's own
+    ``safe_set_full_*``. ZeRO-3: each rank holds ``ceil(numel / ranks)`` elements of every
+    parameter, the last rank's end padded; DeepSpeed 0.19.7's ``set_full_hp_param`` cuts the
+    value without that padding and fails on any parameter whose size the ranks do not divide
+    ("start (1) + length (1) exceeds dimension size (1)" for the logit scale on 2 ranks), so the
+    padded piece is cut here and written with ``safe_set_local_*``."""
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
+                                 safe_set_local_optimizer_state)
+
+    if not hasattr(param, "ds_id"):
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    group = getattr(param, "ds_process_group", None)
+    ranks, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    size = param.ds_tensor.numel()
+    padded = value.new_zeros(size * ranks)
+    padded[:value.numel()] = value.flatten()
+    piece = padded.narrow(0, size * rank, size)
+    if key is None:
+        safe_set_local_fp32_param(param, piece)
+    else:
+        safe_set_local_optimizer_state(param, piece, key)
 
 
 def _create_optimizer_states(zero_optimizer: Any, step: int, keys: tuple[str, ...]) -> None:

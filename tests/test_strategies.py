@@ -195,33 +195,43 @@ def _resume_args(strategy: str, devices: int, steps: int, out: Path) -> list[str
             f"data.batch_size={16 // devices}", "data.synthetic.train_size=256", "eval.zeroshot=[]",
             "eval.compositional.source=null", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
             "data.num_workers=0", "run.plot=false", "trainer.log_every_n_steps=1", f"trainer.max_steps={steps}",
-            "optim.lr=1e-3", "optim.warmup_fraction=0", f"run.out_dir={out}"]
+            # a constant lr: a cosine schedule is laid over trainer.max_steps, so a first run of
+            # 2 steps decays faster (step 1 at 0.5·lr, not the 4-step run's 0.85·lr) and no resume
+            # could give the 4-step run's weights (measured: 13-54 % of each weight's movement)
+            "optim.lr=1e-3", "optim.warmup_fraction=0", "optim.schedule=constant", f"run.out_dir={out}"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(run=False, reason="ZeRO-2 2->1 ends with ln_final.weight 13% of its movement away from the "
-                   "uninterrupted run (the others within 2%); ZeRO-3 1->2 and DDP 2->1 not yet run; ~4 min a case")
 @pytest.mark.parametrize("strategy,before,after", [
     ("deepspeed_zero2", 2, 1), ("deepspeed_zero3", 1, 2), ("ddp", 2, 1),
 ])
 def test_resume_on_another_number_of_devices_continues_the_run(tmp_path: Path, strategy: str, before: int, after: int) -> None:
     """A run stopped after 2 steps on `before` devices and resumed to 4 on `after` (same 16
-    pairs per step) ends with the weights of the uninterrupted run: the optimizer state came
-    back (ZeRO: resharded, docs/scale.md) and no sample of the interrupted epoch was repeated.
-    Without the Adam moments the 3rd step would move every weight by about lr: far off."""
-    def fit(devices: int, steps: int, out: Path, *extra: str) -> None:
+    pairs per step) continues the uninterrupted 4-step run: the same losses at steps 2 and 3 (the
+    same samples, none of the interrupted epoch repeated) and every weight within 1 % of its
+    movement (measured: at most 0.03 %, float rounding of the other split of the batch), so the
+    optimizer state came back (ZeRO: resharded, docs/scale.md). A resume that left the Adam
+    moments at zero ends 65-75 % of each weight's movement away (measured, ZeRO-2 2 -> 1)."""
+    def fit(devices: int, steps: int, out: Path, *extra: str) -> Path:
         command = [sys.executable, "-m", "clipft", "fit", "recipes/quickstart.yaml",
                    *_resume_args(strategy, devices, steps, out), *extra]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert result.returncode == 0, result.stderr[-3000:]
+        return next(out.glob("quickstart/*"))
 
-    fit(before, 4, tmp_path / "once")
+    once = fit(before, 4, tmp_path / "once")
     fit(before, 2, tmp_path / "split")
-    fit(after, 4, tmp_path / "split", "run.resume=last")
-    last = [next((tmp_path / d).glob("quickstart/*")) / "checkpoints" / "last.ckpt" for d in ("once", "split")]
-    once, resumed = read_state_dict(last[0]), read_state_dict(last[1])
+    split = fit(after, 4, tmp_path / "split", "run.resume=last")
+    assert json.loads((split / "report.json").read_text())["world_size"] == after
+    assert sorted(_train_losses(split)) == [0, 1, 2, 3]
+    assert _train_losses(split) == pytest.approx(_train_losses(once), rel=1e-5)
+    final, resumed = (read_state_dict(run / "checkpoints" / "last.ckpt") for run in (once, split))
+    L.seed_everything(0, workers=True, verbose=False)  # the run's seed: its starting weights
     start = build_model(load_config("recipes/quickstart.yaml", []).model).model.state_dict()
+    assert resumed.keys() == final.keys() == start.keys()
     for name in ("visual.conv1.weight", "transformer.resblocks.1.mlp.c_fc.weight", "visual.proj", "ln_final.weight"):
-        moved = (once[name] - start[name]).abs().max().item()
-        assert moved > 1e-3, name  # 4 steps at lr 1e-3
-        assert (resumed[name] - once[name]).abs().max().item() < 0.02 * moved, name
+        assert (final[name] - start[name]).abs().max().item() > 3e-3, name  # 4 Adam steps at lr 1e-3
+    for name, value in final.items():
+        if value.is_floating_point():
+            moved = (value - start[name]).abs().max().item()
+            assert (resumed[name] - value).abs().max().item() <= 0.01 * moved, name
