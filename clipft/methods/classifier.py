@@ -277,19 +277,34 @@ class ClassifierModel(nn.Module):
 
 # ---------------------------------------------------------------------- export
 
-def write_head(folder: Path, checkpoint: Path, alpha: Optional[float] = None) -> None:
-    """Export: the head (WiSE-FT: (1 − α)·start + α·trained) and its class names beside the
-    open_clip files."""
-    from safetensors.torch import save_file
-
+def head_at(checkpoint: Path, alpha: Optional[float] = None) -> Optional[ClassHead]:
+    """The head of a clipft checkpoint (None: it has none), at WiSE-FT's α:
+    (1 − α)·(zero-shot head) + α·(trained head); α None: the trained head. Its class names and
+    probe summary come along (``class_names``, ``meta``)."""
     state = read_module_state(checkpoint)
+    if "head.weight" not in state:
+        return None
     head = {k[len("head."):]: v.detach().float().cpu() for k, v in state.items() if k.startswith("head.")}
     weight, bias = head["weight"], head["bias"]
     if alpha is not None:
         weight = (1 - alpha) * head["start_weight"] + alpha * weight
         bias = (1 - alpha) * head["start_bias"] + alpha * bias
-    save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(folder / HEAD_FILE))
     meta = read_training_state(checkpoint).get(HEAD_KEY) or {}
+    out = ClassHead(weight, bias, meta.get("class_names", []), head["start_weight"], head["start_bias"])
+    out.meta = meta
+    return out
+
+
+def write_head(folder: Path, checkpoint: Path, alpha: Optional[float] = None) -> None:
+    """Export: the head (WiSE-FT: at α, :func:`head_at`) and its class names beside the open_clip files."""
+    from safetensors.torch import save_file
+
+    head = head_at(checkpoint, alpha)
+    if head is None:
+        raise ConfigError(f"{checkpoint}: holds no classification head (head.weight) to export")
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+              str(folder / HEAD_FILE))
+    meta = head.meta
     (folder / HEAD_CONFIG).write_text(json.dumps({
         "class_names": meta.get("class_names", []), "templates": meta.get("templates", []),
         "input": "unit image features (encode_image(images, normalize=True)); logits = features @ weight.T + bias",
@@ -308,4 +323,5 @@ def load_head(folder: Path, model: nn.Module) -> ClassifierModel:
 
 Classifier.export_writer, Classifier.export_loader = staticmethod(write_head), staticmethod(load_head)
 
-__all__ = ["ClassHead", "Classifier", "ClassifierConfig", "ClassifierModel", "load_head", "write_head", "zero_shot_head"]
+__all__ = ["ClassHead", "Classifier", "ClassifierConfig", "ClassifierModel", "head_at", "load_head", "write_head",
+           "zero_shot_head"]

@@ -261,6 +261,14 @@ def test_export_round_trip_and_validate_keep_the_head(tmp_path: Path) -> None:
     torch.testing.assert_close(heads[0.0].weight, method.head.start_weight)
     torch.testing.assert_close(heads[1.0].weight, method.head.weight)
     torch.testing.assert_close(heads[0.5].weight, (method.head.start_weight + method.head.weight) / 2)
+    # the clipft wise-ft sweep scores a task of the head's classes by the head at the same α
+    from clipft.methods.classifier import head_at
+    from clipft.wise_ft import Encoder
+
+    half = head_at(run / "checkpoints" / "last.ckpt", 0.5)
+    torch.testing.assert_close(half.weight, heads[0.5].weight)
+    encoder = Encoder(model.model, None, torch.device("cpu"), half)
+    assert encoder.head_for(SHAPES.names) is half and encoder.head_for(SHAPES.names[::-1]) is None
     report = validate(load_config("recipes/lp_ft.yaml", overrides), ckpt=str(run / "checkpoints" / "last.ckpt"))
     key = "val/zeroshot/shape/top1"
     assert report["metrics"][key] == pytest.approx(result["metrics"][key])
