@@ -272,3 +272,25 @@ def test_export_round_trip_and_validate_keep_the_head(tmp_path: Path) -> None:
     report = validate(load_config("recipes/lp_ft.yaml", overrides), ckpt=str(run / "checkpoints" / "last.ckpt"))
     key = "val/zeroshot/shape/top1"
     assert report["metrics"][key] == pytest.approx(result["metrics"][key])
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_from_its_trained_head(tmp_path: Path) -> None:
+    """run.resume=last: setup builds only the head's shape (no zero-shot head, no probe) and
+    Lightning restores the trained head into it; one more step moves it by about the learning
+    rate, not back to the zero-shot head (nor to the zeros of the shape)."""
+    from clipft.runner import fit
+
+    overrides = [f"run.out_dir={tmp_path}", "run.plot=false", "trainer.enable_progress_bar=false",
+                 "data.synthetic.train_size=300", "data.batch_size=32", "trainer.val_check_interval=3",
+                 "eval.zeroshot=[{name: shape, source: synthetic, task: shape, split: val, size: 30, ensemble: max}]",
+                 "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant"]  # max_steps changes: no cosine
+    first = Path(fit(load_config("recipes/classifier.yaml", [*overrides, "trainer.max_steps=3"]))["run_dir"])
+    before = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    second = Path(fit(load_config("recipes/classifier.yaml", [*overrides, "trainer.max_steps=4", "run.resume=last"]))["run_dir"])
+    after = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert second == first and after["global_step"] == 4
+    moved = (after["state_dict"]["head.weight"] - before["head.weight"]).abs().max().item()
+    trained = (before["head.weight"] - before["head.start_weight"]).abs().max().item()  # 3 steps: 0.019 measured
+    assert 0 < moved < 0.5 * trained  # one step more (0.009 measured), not 3 from the zero-shot head again
+    torch.testing.assert_close(after["state_dict"]["head.start_weight"], before["head.start_weight"])
