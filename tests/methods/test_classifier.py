@@ -291,6 +291,6 @@ def test_a_resumed_run_continues_from_its_trained_head(tmp_path: Path) -> None:
     after = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert second == first and after["global_step"] == 4
     moved = (after["state_dict"]["head.weight"] - before["head.weight"]).abs().max().item()
-    trained = (before["head.weight"] - before["head.start_weight"]).abs().max().item()  # 3 steps: 0.019 measured
+    trained = (before["head.weight"] - before["head.start_weight"]).abs().max().item()  # 3 steps: 0.028 measured
     assert 0 < moved < 0.5 * trained  # one step more (0.009 measured), not 3 from the zero-shot head again
     torch.testing.assert_close(after["state_dict"]["head.start_weight"], before["head.start_weight"])
