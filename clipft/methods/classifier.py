@@ -113,10 +113,10 @@ class Classifier(ContrastiveMethod):
 
     # ------------------------------------------------------------------ the head
 
-    def start_head(self, prompts: list[list[str]], features: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        """The head's starting (W, b): the zero-shot head. ``features``: the training images'
-        unit features and head rows (computed only when :attr:`needs_features`)."""
-        return self.zero_shot(prompts)
+    def start_head(self, zero_shot: tuple[Tensor, Tensor], features: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """The head's starting (W, b), given the zero-shot head: that head. ``features``: the
+        training images' unit features and head rows (computed only when :attr:`needs_features`)."""
+        return zero_shot
 
     needs_features = False  # whether start_head needs the training images' features
 
@@ -163,7 +163,7 @@ class Classifier(ContrastiveMethod):
         if shape_only:
             self.head = ClassHead.empty(len(rows), start_weight.shape[1], names).to(self.device)
         else:
-            weight, bias = self.start_head(prompts, features)
+            weight, bias = self.start_head((start_weight, start_bias), features)
             self.head = ClassHead(weight, bias, names, start_weight, start_bias).to(self.device)
         self.head_ready = True
 

@@ -163,9 +163,9 @@ class LinearProbe(Classifier):
         keep_in_eval(self.model)
         self.register_buffer("probe_l2", torch.tensor(math.nan))  # the chosen λ (in the checkpoint)
 
-    def start_head(self, prompts: list[list[str]], features: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def start_head(self, zero_shot: tuple[Tensor, Tensor], features: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         assert features is not None
-        fit = probe_head(self, features, len(prompts))
+        fit = probe_head(self, features, len(zero_shot[0]))
         self.probe_l2 = torch.tensor(fit.l2, device=self.device)
         return fit.weight, fit.bias
 

@@ -40,9 +40,9 @@ class LpFt(Classifier):
     paper = 'Kumar et al., "Fine-tuning can distort pretrained features and underperform out-of-distribution", ICLR 2022'
     needs_features = True
 
-    def start_head(self, prompts: list[list[str]], features: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def start_head(self, zero_shot: tuple[Tensor, Tensor], features: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         assert features is not None
-        fit = probe_head(self, features, len(prompts))
+        fit = probe_head(self, features, len(zero_shot[0]))
         return fit.weight, fit.bias
 
 
