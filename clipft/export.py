@@ -292,8 +292,10 @@ def _write_versions(
             if extras:
                 config["clipft"] = extras
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if writer is not None:
+        if writer is not None and alpha is None:
             writer(folder, checkpoint)
+        elif writer is not None:  # WiSE-FT: the method interpolates its own part too (a classifier's head)
+            writer(folder, checkpoint, alpha)
         _model_card(folder, cfg, checkpoint, alpha, ema, cfg.model.lora.rank > 0)
         written.append(out / relative)
     return written

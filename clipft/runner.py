@@ -657,6 +657,7 @@ def _validate(run: Run, ckpt: Optional[str]) -> dict[str, Any]:
     label = f"{cfg.model.name} ({cfg.model.pretrained or 'random init'})"
     if ckpt:
         load_pretrained_file(run.method.model, ckpt, label="--ckpt")  # names missing / mismatched keys
+        run.method.load_method_state(Path(ckpt))  # a classifier's head
         step = _checkpoint_step(Path(ckpt))
         run.report.extra.update(checkpoint=str(ckpt), checkpoint_step=step)
         label = f"checkpoint, step {step}" if step is not None else "checkpoint"

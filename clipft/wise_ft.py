@@ -5,7 +5,8 @@ started from pre-trained weights θ₀, on every named evaluation set of the run
 It writes into the run folder ``wise_ft.json`` and ``wise_ft.md`` (each α's metrics per set, the
 in-domain and shifted means, the best α by the mean over the sets) and ``wise_ft.png`` (in-domain
 vs shifted, one point per α, as WiSE-FT's Figure 1). ``clipft export RUN --wise-ft α`` then
-writes the chosen α's weights.
+writes the chosen α's weights. A classifier's head (``classifier``, ``linear_probe``, ``lp_ft``)
+is interpolated with them, from its zero-shot head, and scores the tasks of its classes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from clipft.config import LoraSettings
 from clipft.eval.report import write_json_atomic, write_text_atomic
 from clipft.eval.sets import PREFIX, build_eval_set, evaluate_sets
 from clipft.export import ExportError, resolve_checkpoint, run_config, wise_ft
+from clipft.methods.classifier import head_at
 from clipft.models import ModelError, build_model, read_state_dict
 
 OUTPUTS = ("wise_ft.json", "wise_ft.md", "wise_ft.png")
@@ -33,8 +35,13 @@ class WiseFtError(ValueError):
 class Encoder:
     """What the set evaluation calls on a model: an open_clip model's unit features."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, head: Any = None) -> None:
         self.model, self.tokenizer, self.device, self._trainer = model, tokenizer, device, None
+        self.head = head  # a classifier's head at the same α (clipft.methods.classifier.head_at)
+
+    def head_for(self, class_names: Any) -> Any:
+        """The head, for a zero-shot task of exactly its classes (as the methods' ``head_for``)."""
+        return self.head if self.head is not None and list(class_names) == self.head.class_names else None
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images, normalize=True)
@@ -86,8 +93,9 @@ def sweep(run: str | Path, alphas: Sequence[float], metric: Optional[str] = None
     rows = []
     for alpha in alphas:
         model.load_state_dict(wise_ft(start, adapted, alpha))
-        metrics = evaluate_sets(Encoder(model, bundle.tokenizer, target), sets, cfg.eval.retrieval.ks,
-                                cfg.eval.batch_size)
+        head = head_at(checkpoint, alpha)  # a classifier's head, interpolated from its zero-shot start alike
+        metrics = evaluate_sets(Encoder(model, bundle.tokenizer, target, head.to(target) if head else None), sets,
+                                cfg.eval.retrieval.ks, cfg.eval.batch_size)
         if f"{PREFIX}mean/{key}" not in metrics:
             raise WiseFtError(f"--metric {key}: not a metric of every set (e.g. zeroshot/<task>/top1, retrieval/mean_r1)")
         score = {s.name: metrics[f"{PREFIX}{s.name}/{key}"] for s in cfg.eval.sets}

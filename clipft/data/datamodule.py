@@ -279,6 +279,14 @@ class ImageTextDataModule(L.LightningDataModule):
             raise ValueError("base-to-novel evaluation needs class-labelled validation data (data.classes, data.val)")
         return TransformedImages(self.val_fetch, self._transform(self.val_fetch, self.preprocess_val))
 
+    def class_training_set(self) -> Dataset:
+        """The class-labelled training images (the k-shot sample, if any) with the evaluation
+        preprocess: what a linear probe fits its features to."""
+        self.prepare_sources()
+        if self.classes is None or self.train_fetch is None:
+            raise ValueError("a linear probe needs class-labelled training data (data.classes)")
+        return TransformedImages(self.train_fetch, self._transform(self.train_fetch, self.preprocess_val))
+
     def _trained_batches(self) -> int:
         """Where the training order starts: after the batches a resumed run has trained. The
         runner sets :attr:`resume_batches` from the checkpoint before training, because

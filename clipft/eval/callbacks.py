@@ -256,6 +256,8 @@ class ZeroShotTask:
 
 class ZeroShotCallback(L.Callback):
     """Zero-shot classification: class names x prompt templates → classifier; top-1/top-5.
+    A module whose ``head_for(class_names)`` returns a head (a method with a linear head over
+    exactly the task's classes, in its order) is scored by that head's logits instead.
 
     Templates are combined by the mean of their embeddings (OpenAI) or by the maximum score
     over templates (see :func:`clipft.eval.metrics.zero_shot_logits`). On several devices each
@@ -275,14 +277,20 @@ class ZeroShotCallback(L.Callback):
         trainer = pl_module._trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         real = ShardSampler.valid(len(task.dataset), world)[rank]  # this rank's shard less its padding
+        # a method with a classification head over exactly these classes (classifier, linear_probe,
+        # lp_ft) is scored by its head: head_for(class names) -> logits of unit image features
+        head_for = getattr(pl_module, "head_for", None)
+        head = head_for(task.class_names) if head_for is not None else None
         with encoder.context():
-            classifier = build_zero_shot_classifier(encoder.texts, task.class_names, task.templates)
+            classifier = None if head is not None else build_zero_shot_classifier(encoder.texts, task.class_names,
+                                                                                   task.templates)
             for images, batch_labels in _sharded_loader(pl_module, task.dataset, self.batch_size, self.num_workers):
                 features = encoder.images(images)  # every batch, padding too: ZeRO-3 needs every rank's forward
                 keep = min(len(batch_labels), real)
                 real -= keep
                 if keep:
-                    logits = zero_shot_logits(features[:keep], classifier, task.ensemble)
+                    logits = head(features[:keep]) if head is not None else zero_shot_logits(
+                        features[:keep], classifier, task.ensemble)
                     metric.update(logits, batch_labels[:keep].to(pl_module.device))
         # torchmetrics sums the counts of every rank (each sample once)
         return {key: value.item() for key, value in metric.compute().items()}

@@ -169,9 +169,10 @@ class ContrastiveMethod(L.LightningModule):
     # What ``clipft info --methods`` says of the method: one line, and the paper it implements.
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    # For a method whose model has parameters open_clip has no place for (MMRL's tokens):
-    # ``clipft export`` calls export_writer(folder, checkpoint) to save them beside the open_clip
-    # files, and ``clipft.load_exported`` export_loader(folder, open_clip model) to attach them.
+    # For a method whose model has parameters open_clip has no place for (MMRL's tokens, a
+    # classifier's head): ``clipft export`` calls export_writer(folder, checkpoint) to save them
+    # beside the open_clip files (with --wise-ft, export_writer(folder, checkpoint, alpha)), and
+    # ``clipft.load_exported`` export_loader(folder, open_clip model) to attach them.
     export_writer: ClassVar[Optional[Callable[[Path, Path], None]]] = None
     export_loader: ClassVar[Optional[Callable[[Path, nn.Module], nn.Module]]] = None
 
@@ -208,6 +209,10 @@ class ContrastiveMethod(L.LightningModule):
             shadow = copy.deepcopy(self.model).float().requires_grad_(False)
             keep_in_eval(shadow)
             self._ema["model"] = shadow
+
+    def load_method_state(self, checkpoint: Path) -> None:
+        """``clipft validate --ckpt``: the method's own weights beyond the open_clip model (a
+        classifier's head) from a clipft checkpoint; the model's are loaded already. None here."""
 
     # ------------------------------------------------------------------ frozen copies
 

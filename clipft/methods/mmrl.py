@@ -314,8 +314,9 @@ TOKENS_FILE = "mmrl_tokens.safetensors"
 TOKENS_CONFIG = "mmrl_config.json"
 
 
-def write_tokens(folder: Path, checkpoint: Path) -> None:
-    """Export: the trained tokens, maps and representation projection beside the open_clip files."""
+def write_tokens(folder: Path, checkpoint: Path, alpha: Optional[float] = None) -> None:
+    """Export: the trained tokens, maps and representation projection beside the open_clip files
+    (with WiSE-FT's α too, as trained: they have no pre-trained start to interpolate with)."""
     from safetensors.torch import save_file
 
     state = read_module_state(checkpoint)
