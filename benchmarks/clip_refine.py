@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
@@ -53,7 +54,7 @@ COLUMNS = {
     ],
     "twemoji": [
         ("gap", "val/gap/centroid_distance"), ("separability", "val/gap/linear_separability"),
-        ("group top-1", "val/zeroshot/group/top1"), ("subgroup top-1", "val/zeroshot/subgroup/top1"),
+        ("group top-1", "val/sets/twemoji/zeroshot/group/top1"), ("subgroup top-1", "val/sets/twemoji/zeroshot/subgroup/top1"),
         ("R@1 (mean)", "val/retrieval/mean_r1"),
     ],
 }
@@ -97,15 +98,10 @@ def main() -> None:
         benchmark("synthetic", str(ROOT / "recipes" / "clip_refine.yaml"), common, args.lr, setting, out)
     twemoji = Path(args.twemoji)
     if args.only in (None, "twemoji") and twemoji.is_dir():
-        from clipft.data.twemoji import write_tables
-
-        data = out / "twemoji64"
-        write_tables(twemoji, data)
-        lit = ["data.train=" + str(data / "train.csv"), "data.val=" + str(data / "test.csv"),
-               f"eval.zeroshot[0].data={data / 'test.csv'}", f"eval.zeroshot[1].data={data / 'test.csv'}"]
+        os.environ["CLIPFT_DATA"] = str(twemoji.parent)  # the recipe reads twemoji64 and noto64 from there
         start = fit(load_config(str(ROOT / "recipes" / "lit_twemoji.yaml"),
-                                [*lit, "trainer.enable_progress_bar=false", f"run.out_dir={out / 'lit'}", "run.plot=false"]))
-        refine = [*lit, f"model.pretrained={start['last_checkpoint']}", "optim.schedule=constant", "optim.warmup_steps=0",
+                                ["trainer.enable_progress_bar=false", f"run.out_dir={out / 'lit'}", "run.plot=false"]))
+        refine = [f"model.pretrained={start['last_checkpoint']}", "optim.schedule=constant", "optim.warmup_steps=0",
                   *common]
         setting = (f"LiT twemoji start (locked MiniLM text tower), {args.steps} steps of batch 64 on the train split, "
                    f"constant lr {', '.join(f'{lr:g}' for lr in args.twemoji_lr)}, test split")

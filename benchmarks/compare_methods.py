@@ -75,7 +75,7 @@ COLUMNS = [
     ("base", "val/base_to_novel/base"), ("novel", "val/base_to_novel/novel"), ("HM", "val/base_to_novel/hm"),
 ]
 TWEMOJI_COLUMNS = [
-    ("group top-1", "val/zeroshot/group/top1"), ("subgroup top-1", "val/zeroshot/subgroup/top1"),
+    ("group top-1", "val/sets/twemoji/zeroshot/group/top1"), ("subgroup top-1", "val/sets/twemoji/zeroshot/subgroup/top1"),
     ("R@1 i→t", "val/retrieval/i2t_r1"), ("R@1 t→i", "val/retrieval/t2i_r1"),
     ("gap", "val/gap/centroid_distance"), ("separability", "val/gap/linear_separability"),
     ("alignment", "val/gap/alignment"), ("uniformity", "val/gap/uniformity_union"),
@@ -222,15 +222,11 @@ def main() -> None:
         "MMRL rows: 16-shot base-to-novel, 10 epochs of batch 4)", COLUMNS, rows))
     twemoji = Path(args.twemoji)
     if not args.no_twemoji and twemoji.is_dir():
-        sys.path.insert(0, str(ROOT))
-        from clipft.data.twemoji import write_tables
-
-        tables = out / "twemoji64"
-        write_tables(twemoji, tables)
-        data = [f"data.train={tables / 'train.csv'}", f"data.val={tables / 'test.csv'}",
-                f"eval.zeroshot[0].data={tables / 'test.csv'}", f"eval.zeroshot[1].data={tables / 'test.csv'}"]
-        start = run_lit_start(out, [*quiet, *data])
-        common = [*quiet, *data, f"model.pretrained={start}", f"trainer.max_steps={args.steps}",
+        # the recipe reads twemoji64 (and noto64, its shifted set) from $CLIPFT_DATA as they ship;
+        # the arms' processes inherit it
+        os.environ["CLIPFT_DATA"] = str(twemoji.parent)
+        start = run_lit_start(out, quiet)
+        common = [*quiet, f"model.pretrained={start}", f"trainer.max_steps={args.steps}",
                   f"trainer.val_check_interval={args.steps}", "optim.lr=1e-5", "optim.warmup_steps=0"]
         texts.append(table(
             f"twemoji64: LiT (locked MiniLM text tower) trained on the train split, then {args.steps} steps of batch "

@@ -9,7 +9,7 @@ Examples:
   clipft info recipes/finetune.yaml model.name=ViT-B-32
   clipft validate recipes/quickstart.yaml ckpt=runs/quickstart/<time>/checkpoints/best.ckpt
   clipft export runs/quickstart/<time> --out exported/quickstart
-  clipft wise-ft runs/lit_twemoji/<time> --alphas 0 0.25 0.5 0.75 1
+  clipft wise-ft runs/finetune_noto/<time> --alphas 0 0.25 0.5 0.75 1
   clipft data write-shards data/train.csv shards/train --shard-size 1000
   clipft recipes finetune --copy my_recipes  (a shipped recipe and its includes, to edit)
 """

@@ -207,7 +207,9 @@ class DataConfig:
     # train: the model's training preprocess (open_clip: random resized crop 0.9-1.0);
     # val: its evaluation preprocess (no augmentation);
     # scale_shift: random scale 0.85-1.1 and shift up to 8 %, no flips or colour changes,
-    # then the evaluation preprocess (pad_fill fills the uncovered border)
+    # then the evaluation preprocess (pad_fill fills the uncovered border);
+    # style: scale_shift plus stroke width, blur, brightness / contrast / saturation and
+    # grayscale (no hue change, no flips), for styles of drawing not seen in training
     train_transform: str = "train"
     pad_fill: int = 0
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -454,7 +456,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.classes.task": ("shape", "colour", "object"),
     "data.classes.train_classes": ("base", "all"),
     "data.on_bad_sample": (None, "error", "skip"),
-    "data.train_transform": ("train", "val", "scale_shift"),
+    "data.train_transform": ("train", "val", "scale_shift", "style"),
     "optim.schedule": ("cosine", "constant"),
     "eval.zeroshot.template_set": (None, "single", "openai_imagenet", "simple_imagenet"),
     "eval.compositional.source": (None, "synthetic", "folder"),

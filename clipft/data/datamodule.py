@@ -23,7 +23,7 @@ from clipft.data.hard_images import WithHardImages
 from clipft.data.negatives import negatives as draw_negatives
 from clipft.data.shards import ShardFetch, ShardSet, ShardStream
 from clipft.data.sources import ClassSplits, SyntheticFetch, TableFetch, source
-from clipft.data.transforms import array_transform
+from clipft.data.transforms import array_transform, style_augment
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class ImageTextDataModule(L.LightningDataModule):
             "train": preprocess_train,
             "val": preprocess_val,
             "scale_shift": scale_shift(preprocess_val, cfg.pad_fill),
+            "style": style_augment(preprocess_val, cfg.pad_fill),
         }[cfg.train_transform]
         self.preprocess_val = preprocess_val
         self.collate = CollatePairs(tokenizer)

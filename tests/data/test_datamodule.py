@@ -230,3 +230,37 @@ def test_negclip_tsv_negatives_load_unchanged(tmp_path: Path, bundle) -> None:
                              bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
     with pytest.raises(DataError, match=r"bad.tsv, line 2: 'neg_caption' is not a list of captions"):
         dm.prepare_sources()
+
+
+def test_style_augmentation_changes_looks_but_not_hue(bundle) -> None:
+    """data.train_transform=style: random brightness, contrast, saturation, blur, grayscale and
+    scale, but a red shape never turns green or blue (hue carries meaning in emoji)."""
+    from clipft.data.transforms import style_augment
+
+    torch.manual_seed(0)
+    array = np.full((32, 32, 3), 255, dtype=np.uint8)
+    array[8:24, 8:24] = (220, 30, 30)  # a red square on white
+    transform = style_augment(bundle.preprocess_val, fill=255)
+    mean = torch.tensor(bundle.preprocess_val.transforms[-1].mean).view(3, 1, 1)
+    std = torch.tensor(bundle.preprocess_val.transforms[-1].std).view(3, 1, 1)
+    centres = torch.stack([(transform(Image.fromarray(array)) * std + mean)[:, 16, 16] for _ in range(200)])  # [200, RGB]
+    red, green, blue = centres.unbind(dim=1)
+    assert bool((red >= green - 1e-3).all() and (red >= blue - 1e-3).all())  # never another hue
+    grey = (red - green).abs() < 1e-3
+    assert 5 <= int(grey.sum()) <= 45  # grayscale p = 0.1 of 200 draws (binomial: 20 ± 4.2)
+    assert float(red[~grey].std()) > 0.02 and float((red - green)[~grey].min()) > 0.1  # jittered, still red
+    cfg = load_config(None, ["data.train_transform=style", "data.pad_fill=255"])
+    dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
+    assert dm.preprocess_train.transforms[-1] is bundle.preprocess_val
+
+
+def test_stroke_width_thickens_or_thins_dark_lines() -> None:
+    import random
+
+    from clipft.data.transforms import StrokeWidth
+
+    array = np.full((32, 32, 3), 255, dtype=np.uint8)
+    array[:, 15] = 0  # a one-pixel dark vertical line
+    random.seed(0)
+    dark = {int((np.asarray(StrokeWidth()(Image.fromarray(array)))[..., 0] < 128).sum()) for _ in range(20)}
+    assert dark == {0, 3 * 32}  # max filter: the line is gone; min filter: three pixels wide
