@@ -1,6 +1,6 @@
 """The framework's cost per training step: clipft's quickstart against a plain PyTorch loop.
 
-    python benchmarks/overhead.py [--steps 120] [--rounds 3] [--profile]
+    python benchmarks/overhead.py [--steps 120] [--rounds 3] [--threads 2] [--compile] [--profile]
 
 Both arms train the quickstart's model (clipft-tiny-vit, from scratch) on the same synthetic
 data loader (same batch, workers and seed), with the same threads, AdamW parameter groups
@@ -10,6 +10,9 @@ own process, interleaved A/B/A/B over ``--rounds`` rounds so that a change in th
 hits both; each arm's figure is the median wall time between consecutive optimizer steps (data
 wait included, the first 10 steps and evaluation left out: clipft's report.json ``timing``,
 measured the same way in the loop). The table gives each round's ratio and the median ratio.
+
+``--compile`` adds a third arm, clipft with ``trainer.compile=true`` (the towers under
+torch.compile; the first step, which compiles, is not in the median), and its ratio to eager.
 
 ``--profile`` adds one clipft run under Lightning's SimpleProfiler and prints where its step time
 goes (hooks, callbacks, optimizer, logging) next to the loop's forward/backward/step.
@@ -87,7 +90,7 @@ def plain_loop(steps: int, threads: int) -> dict:
     return {"step_s_median": statistics.median(times[SKIP:]), "loss": float(loss)}
 
 
-def clipft_fit(steps: int, threads: int, out_dir: str, profile: bool = False) -> dict:
+def clipft_fit(steps: int, threads: int, out_dir: str, profile: bool = False, compile: bool = False) -> dict:
     """``clipft fit`` of the quickstart, training only: its report's timing."""
     sys.path.insert(0, str(ROOT))
     import lightning as L
@@ -108,13 +111,14 @@ def clipft_fit(steps: int, threads: int, out_dir: str, profile: bool = False) ->
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "eval.zeroshot=[]",
         "eval.retrieval.enabled=false", "eval.compositional.source=null", "eval.gap=false", f"run.threads={threads}",
         "trainer.enable_progress_bar=false", "run.plot=false", f"run.out_dir={out_dir}", "run.monitor=val/loss", "run.monitor_mode=min",
-        f"run.checkpoint_every_n_steps={steps}",
+        f"run.checkpoint_every_n_steps={steps}", f"trainer.compile={str(compile).lower()}",
     ])
     report = fit(cfg)
     return {"step_s_median": report["timing"]["step_s_median"], "timing": report["timing"]}
 
 
 def _in_process(arm: str, steps: int, threads: int, out_dir: str, profile: bool = False) -> dict:
+    """One arm ("loop", "clipft" or "compiled") in a fresh process: its result dict."""
     job = json.dumps({"arm": arm, "steps": steps, "threads": threads, "out": out_dir, "profile": profile})
     done = subprocess.run([sys.executable, __file__, "--job", job], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -128,30 +132,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="add clipft with trainer.compile=true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     if args.job:
         job = json.loads(args.job)
-        run = plain_loop if job["arm"] == "loop" else clipft_fit
-        kwargs = {"profile": job["profile"]} if job["arm"] == "clipft" else {}
-        extra = (job["out"],) if job["arm"] == "clipft" else ()
-        print(json.dumps(run(job["steps"], job["threads"], *extra, **kwargs)))
+        if job["arm"] == "loop":
+            result = plain_loop(job["steps"], job["threads"])
+        else:
+            result = clipft_fit(job["steps"], job["threads"], job["out"], job["profile"], job["arm"] == "compiled")
+        print(json.dumps(result))
         return
     out = tempfile.mkdtemp(prefix="overhead_")
+    arms = ["loop", "clipft"] + (["compiled"] if args.compile else [])
     rows = []
     for r in range(args.rounds):
-        loop = _in_process("loop", args.steps, args.threads, out)["step_s_median"]
-        ours = _in_process("clipft", args.steps, args.threads, f"{out}/r{r}")["step_s_median"]
-        rows.append((loop, ours))
-        print(f"round {r}: loop {loop:.4f} s, clipft {ours:.4f} s, ratio {ours / loop:.3f}", flush=True)
-    ratios = [b / a for a, b in rows]
+        row = {arm: _in_process(arm, args.steps, args.threads, f"{out}/r{r}_{arm}")["step_s_median"] for arm in arms}
+        rows.append(row)
+        print(f"round {r}: " + ", ".join(f"{arm} {row[arm]:.4f} s" for arm in arms)
+              + f", clipft / loop {row['clipft'] / row['loop']:.3f}", flush=True)
+    ratios = {"clipft / loop": [row["clipft"] / row["loop"] for row in rows]}
+    if args.compile:
+        ratios["eager / compiled"] = [row["clipft"] / row["compiled"] for row in rows]
     print(f"\nquickstart model, batch 128, {args.steps} steps per arm, {args.threads} threads, "
           f"load average {os.getloadavg()[0]:.2f}\n")
-    print("| round | plain loop s/step | clipft s/step | ratio |\n|---|---|---|---|")
-    for r, (a, b) in enumerate(rows):
-        print(f"| {r} | {a:.4f} | {b:.4f} | {b / a:.3f} |")
-    print(f"| median | {statistics.median(a for a, _ in rows):.4f} | {statistics.median(b for _, b in rows):.4f} | "
-          f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) |")
+    print("| round | " + " | ".join(f"{arm} s/step" for arm in arms) + " | " + " | ".join(ratios) + " |")
+    print("|---" * (1 + len(arms) + len(ratios)) + "|")
+    for r, row in enumerate(rows):
+        print(f"| {r} | " + " | ".join(f"{row[arm]:.4f}" for arm in arms) + " | "
+              + " | ".join(f"{values[r]:.3f}" for values in ratios.values()) + " |")
+    print("| median | " + " | ".join(f"{statistics.median(row[arm] for row in rows):.4f}" for arm in arms) + " | "
+          + " | ".join(f"{statistics.median(v):.3f} (min {min(v):.3f}, max {max(v):.3f})" for v in ratios.values()) + " |")
     if args.profile:
         _in_process("clipft", args.steps, args.threads, f"{out}/profile", profile=True)
         text = next(Path(f"{out}/profile").rglob("*profile*.txt")).read_text()
