@@ -9,7 +9,10 @@ and logit-scale clamp; the plain loop is written here, in a dozen lines. Each ar
 own process, interleaved A/B/A/B over ``--rounds`` rounds so that a change in the machine's load
 hits both; each arm's figure is the median wall time between consecutive optimizer steps (data
 wait included, the first 10 steps and evaluation left out: clipft's report.json ``timing``,
-measured the same way in the loop). The table gives each round's ratio and the median ratio.
+measured the same way in the loop), and the median CPU seconds this process spent per step (all
+its threads, the loader's worker process not counted): on a shared machine the wall time moves
+with the other jobs, while the CPU time counts the work each arm does. The table gives each
+round's ratios and their median.
 
 ``--compile`` adds a third arm, clipft with ``trainer.compile=true`` (the towers under
 torch.compile; the first step, which compiles, is not in the median), and its ratio to eager.
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +74,7 @@ def plain_loop(steps: int, threads: int) -> dict:
     warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_fraction * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, steps, warmup, o.min_lr / o.lr, o.schedule))
-    times, last = [], None
+    times, cpu, last, last_cpu = [], [], None, None
     batches = iter(data.train_dataloader())
     for _ in range(steps):
         batch = next(batches)
@@ -83,11 +87,13 @@ def plain_loop(steps: int, threads: int) -> dict:
         schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(o.logit_scale_max))
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         if last is not None:
             times.append(now - last)
-        last = now
-    return {"step_s_median": statistics.median(times[SKIP:]), "loss": float(loss)}
+            cpu.append(now_cpu - last_cpu)
+        last, last_cpu = now, now_cpu
+    return {"step_s_median": statistics.median(times[SKIP:]), "cpu_s_median": statistics.median(cpu[SKIP:]),
+            "loss": float(loss.detach())}
 
 
 def clipft_fit(steps: int, threads: int, out_dir: str, profile: bool = False, compile: bool = False) -> dict:
@@ -99,14 +105,32 @@ def clipft_fit(steps: int, threads: int, out_dir: str, profile: bool = False, co
     from clipft.config import load_config
     from clipft.runner import fit
 
-    if profile:  # Lightning's own per-hook timing
-        trainer_init = L.Trainer.__init__
+    class CpuClock(L.Callback):
+        """This process's CPU seconds per optimizer step (all its threads; not the loader's workers)."""
 
-        def with_profiler(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def __init__(self) -> None:
+            self.cpu: list[float] = []
+            self.last: Optional[float] = None
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            now = time.process_time()
+            if self.last is not None:
+                self.cpu.append(now - self.last)
+            self.last = now
+
+        def on_validation_start(self, *args: Any) -> None:
+            self.last = None  # evaluation is not a step
+
+    clock = CpuClock()
+    trainer_init = L.Trainer.__init__
+
+    def instrumented(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), clock]
+        if profile:  # Lightning's own per-hook timing
             kwargs["profiler"] = L.pytorch.profilers.SimpleProfiler(dirpath=out_dir, filename="profile")
-            trainer_init(self, *args, **kwargs)
+        trainer_init(self, *args, **kwargs)
 
-        L.Trainer.__init__ = with_profiler  # type: ignore[method-assign]
+    L.Trainer.__init__ = instrumented  # type: ignore[method-assign]
     cfg = load_config(RECIPE, [
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "eval.zeroshot=[]",
         "eval.retrieval.enabled=false", "eval.compositional.source=null", "eval.gap=false", f"run.threads={threads}",
@@ -114,7 +138,8 @@ def clipft_fit(steps: int, threads: int, out_dir: str, profile: bool = False, co
         f"run.checkpoint_every_n_steps={steps}", f"trainer.compile={str(compile).lower()}",
     ])
     report = fit(cfg)
-    return {"step_s_median": report["timing"]["step_s_median"], "timing": report["timing"]}
+    return {"step_s_median": report["timing"]["step_s_median"], "cpu_s_median": statistics.median(clock.cpu[SKIP:]),
+            "timing": report["timing"]}
 
 
 def _in_process(arm: str, steps: int, threads: int, out_dir: str, profile: bool = False) -> dict:
@@ -145,24 +170,25 @@ def main() -> None:
         return
     out = tempfile.mkdtemp(prefix="overhead_")
     arms = ["loop", "clipft"] + (["compiled"] if args.compile else [])
-    rows = []
+    rows = []  # per round: {arm: result}
     for r in range(args.rounds):
-        row = {arm: _in_process(arm, args.steps, args.threads, f"{out}/r{r}_{arm}")["step_s_median"] for arm in arms}
+        row = {arm: _in_process(arm, args.steps, args.threads, f"{out}/r{r}_{arm}") for arm in arms}
         rows.append(row)
-        print(f"round {r}: " + ", ".join(f"{arm} {row[arm]:.4f} s" for arm in arms)
-              + f", clipft / loop {row['clipft'] / row['loop']:.3f}", flush=True)
-    ratios = {"clipft / loop": [row["clipft"] / row["loop"] for row in rows]}
-    if args.compile:
-        ratios["eager / compiled"] = [row["clipft"] / row["compiled"] for row in rows]
+        print(f"round {r}: " + ", ".join(f"{arm} {row[arm]['step_s_median']:.4f} s ({row[arm]['cpu_s_median']:.4f} CPU s)"
+                                         for arm in arms), flush=True)
+    pairs = [("clipft", "loop")] + ([("clipft", "compiled")] if args.compile else [])
+    columns = [(f"{arm} {kind}", arm, key) for arm in arms for kind, key in (("s/step", "step_s_median"), ("CPU s/step", "cpu_s_median"))]
+    ratios = {f"{a} / {b} {kind}": [row[a][key] / row[b][key] for row in rows]
+              for a, b in pairs for kind, key in (("wall", "step_s_median"), ("CPU", "cpu_s_median"))}
     print(f"\nquickstart model, batch 128, {args.steps} steps per arm, {args.threads} threads, "
           f"load average {os.getloadavg()[0]:.2f}\n")
-    print("| round | " + " | ".join(f"{arm} s/step" for arm in arms) + " | " + " | ".join(ratios) + " |")
-    print("|---" * (1 + len(arms) + len(ratios)) + "|")
+    print("| round | " + " | ".join(name for name, _, _ in columns) + " | " + " | ".join(ratios) + " |")
+    print("|---" * (1 + len(columns) + len(ratios)) + "|")
     for r, row in enumerate(rows):
-        print(f"| {r} | " + " | ".join(f"{row[arm]:.4f}" for arm in arms) + " | "
+        print(f"| {r} | " + " | ".join(f"{row[arm][key]:.4f}" for _, arm, key in columns) + " | "
               + " | ".join(f"{values[r]:.3f}" for values in ratios.values()) + " |")
-    print("| median | " + " | ".join(f"{statistics.median(row[arm] for row in rows):.4f}" for arm in arms) + " | "
-          + " | ".join(f"{statistics.median(v):.3f} (min {min(v):.3f}, max {max(v):.3f})" for v in ratios.values()) + " |")
+    print("| median | " + " | ".join(f"{statistics.median(row[arm][key] for row in rows):.4f}" for _, arm, key in columns)
+          + " | " + " | ".join(f"{statistics.median(v):.3f} ({min(v):.3f}–{max(v):.3f})" for v in ratios.values()) + " |")
     if args.profile:
         _in_process("clipft", args.steps, args.threads, f"{out}/profile", profile=True)
         text = next(Path(f"{out}/profile").rglob("*profile*.txt")).read_text()
