@@ -220,8 +220,10 @@ class DataConfig:
     # batch holds 2 x data.batch_size pairs. 0: off (NegCLIP: 3).
     hard_images: int = 0
     # Pairs with the same caption are positives of one another in the CLIP loss (UniCL's
-    # multi-positive target), not negatives: for data with several images of one caption, such
-    # as one concept drawn in several styles (methods that use the base loss: finetune / FLYP)
+    # multi-positive target) or SigLIP's (label +1), not negatives: for data with several images
+    # of one caption, such as one concept drawn in several styles (methods that use the base
+    # loss: finetune / FLYP). With CLIP's loss and a deterministic text tower it changes nothing
+    # (equal captions, equal features: docs/data.md)
     same_caption_positives: bool = False
     classes: ClassesConfig = field(default_factory=ClassesConfig)
 

@@ -95,6 +95,7 @@ def siglip_loss(
     logit_bias: Tensor,
     all_text_features: Optional[Tensor] = None,
     offset: int = 0,
+    positives: Optional[Tensor] = None,
 ) -> Tensor:
     """Sigmoid loss of SigLIP (Zhai et al., ICCV 2023, Eq. 1) for the local rows.
 
@@ -103,10 +104,19 @@ def siglip_loss(
     each computes its B local images against the N gathered texts (with gradients, ``offset =
     rank·B``), divided by B: the mean over devices is the one-device loss, the same sum that
     open_clip's exchange of text features between neighbours computes.
+
+    ``positives``: ``[B, N]`` bool, the right answers of local image i (its own pair included):
+    z_ij = 1 for every one of them — Eq. 1 with multi-positive labels, each image–text
+    combination still an independent binary decision. None: z_ij = 1 for the pair alone.
     """
     all_text = text_features if all_text_features is None else all_text_features
     logits = upcast(logit_scale * image_features @ all_text.T + logit_bias)
-    signs = -torch.ones_like(logits)
     rows = torch.arange(image_features.shape[0], device=logits.device)
-    signs[rows, rows + offset] = 1.0
+    if positives is None:
+        signs = -torch.ones_like(logits)
+        signs[rows, rows + offset] = 1.0
+    else:
+        if not bool(positives[rows, rows + offset].all()):
+            raise ValueError("positives: each row's own pair must be among its positives")
+        signs = positives.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]

@@ -313,13 +313,14 @@ class ContrastiveMethod(L.LightningModule):
         """The model's pre-training loss for the local rows against the batch of every device
         (or of this device only): SigLIP's sigmoid loss for a model with a logit bias (SigLIP
         models), else CLIP's; with the model's logit scale unless ``scale`` is given.
-        ``positives`` (:meth:`caption_positives`): the right answers of each row (CLIP's loss)."""
+        ``positives`` (:meth:`caption_positives`): the right answers of each row (both losses)."""
         rank = self.world_and_rank()[1] if across_devices else 0
         gather = self.gather if across_devices else (lambda features: features)
         offset = rank * image_features.shape[0]
         scale = self.logit_scale if scale is None else scale
         if getattr(self.model, "logit_bias", None) is not None:
-            return siglip_loss(image_features, text_features, scale, self.model.logit_bias, gather(text_features), offset)
+            return siglip_loss(image_features, text_features, scale, self.model.logit_bias, gather(text_features), offset,
+                               positives=positives)
         return clip_contrastive_loss(image_features, text_features, scale, gather(image_features), gather(text_features), offset,
                                      positives=positives)
 
