@@ -17,8 +17,9 @@ e.g. `pip install --target /tmp/octrain --no-deps pandas pytz tzdata`, and pass 
 
 Each loader runs one warm-up epoch (worker start-up), then --epochs timed epochs; images/s is
 images delivered / wall time of the timed epochs (per-epoch start-up and shuffle-buffer filling
-included). Loaders run in two rounds in opposite orders, and the better round counts, because
-the 2-core machine is shared.
+included). Loaders run in --rounds interleaved rounds (every loader once per round, the order
+reversed every other round), and each ratio is taken within a round, so that a change of the
+machine's load hits both sides of it: the table gives the median ratio and its min–max.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -146,6 +148,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every loader")
     parser.add_argument("--synthetic-size", type=int, default=3000)
     parser.add_argument("--work", default="/tmp/clipft-data-throughput")
     parser.add_argument("--octrain", help="extra path with open_clip_train's missing dependencies (pandas)")
@@ -161,11 +164,13 @@ def main() -> None:
     csv_oc, wds_oc, missing = octrain_loaders(args.octrain)
     lines = [
         f"Images/s of training loaders: {args.workers} DataLoader workers, batch {args.batch}, open_clip's 224 px "
-        f"training preprocess and ViT-B-32 tokenizer, {args.epochs} timed epochs after a warm-up epoch, best of 2 "
-        f"rounds; {os.cpu_count()} CPU cores (shared).",
+        f"training preprocess and ViT-B-32 tokenizer, {args.epochs} timed epochs after a warm-up epoch; "
+        f"{args.rounds} interleaved rounds (each round runs every loader once, the order reversed every other "
+        f"round); the ratios are per round (clipft and open_clip_train of the same round), min / median / max; "
+        f"{os.cpu_count()} CPU cores.",
         "",
-        "| workload | images | clipft CSV | clipft shards | open_clip_train CSV | open_clip_train wds | "
-        "clipft/open_clip_train CSV | clipft/open_clip_train shards |",
+        "| workload | images | clipft CSV | open_clip_train CSV | clipft / open_clip_train CSV | clipft shards | "
+        "open_clip_train wds | clipft / open_clip_train shards |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, (table, shards) in workloads(Path(args.work), args.synthetic_size).items():
@@ -177,25 +182,30 @@ def main() -> None:
         if csv_oc is not None and wds_oc is not None:
             runs["open_clip_train CSV"] = lambda: csv_oc(str(table), transform, tokenizer, args.workers, args.batch)
             runs["open_clip_train wds"] = lambda: wds_oc(shard_spec, transform, tokenizer, args.workers, args.batch)
-        best: dict[str, float] = {}
-        for order in (list(runs), list(reversed(runs))):
-            for key in order:
-                rate = images_per_second(runs[key], args.epochs)
-                best[key] = max(best.get(key, 0.0), rate)
-                print(f"  {name} {key}: {rate:.0f} images/s", file=sys.stderr)
+        rates: dict[str, list[float]] = {key: [] for key in runs}
+        for r in range(args.rounds):
+            for key in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                rates[key].append(images_per_second(runs[key], args.epochs))
+                print(f"  {name} round {r} {key}: {rates[key][-1]:.0f} images/s", file=sys.stderr, flush=True)
         images = sum(1 for _ in table.open()) - 1
 
         def cell(key: str) -> str:
-            return f"{best[key]:.0f}" if key in best else "n/a"
+            return f"{statistics.median(rates[key]):.0f}" if key in rates else "n/a"
 
         def ratio(ours: str, theirs: str) -> str:
-            return f"{best[ours] / best[theirs]:.2f}x" if theirs in best else "n/a"
+            if theirs not in rates:
+                return "n/a"
+            per_round = [a / b for a, b in zip(rates[ours], rates[theirs])]
+            return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}–{max(per_round):.2f})"
 
         lines.append(
-            f"| {name} | {images} | {cell('clipft CSV')} | {cell('clipft shards')} | {cell('open_clip_train CSV')} | "
-            f"{cell('open_clip_train wds')} | {ratio('clipft CSV', 'open_clip_train CSV')} | "
+            f"| {name} | {images} | {cell('clipft CSV')} | {cell('open_clip_train CSV')} | "
+            f"{ratio('clipft CSV', 'open_clip_train CSV')} | {cell('clipft shards')} | {cell('open_clip_train wds')} | "
             f"{ratio('clipft shards', 'open_clip_train wds')} |"
         )
+    lines.append("")
+    lines.append("Images/s: the median over the rounds. Load average at the end: "
+                 f"{os.getloadavg()[0]:.1f}.")
     if missing:
         lines += ["", f"open_clip_train: {missing}"]
     text = "\n".join(lines)
