@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import os
+import resource
 import statistics
 import sys
 import time
@@ -128,19 +130,35 @@ def batch_images(batch: Any) -> int:
     return len(batch.images) if hasattr(batch, "images") else len(batch[0])
 
 
-def images_per_second(make: Callable[[], Any], epochs: int) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its ended (joined) child processes."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def images_per_second(make: Callable[[], Any], epochs: int) -> tuple[float, float]:
+    """(images/s of the timed epochs, CPU ms per image over the loader's whole life): the CPU
+    time of this process and of the loader's workers, from its creation to their exit, warm-up
+    epoch included, over every image it delivered. On a shared machine the wall time moves with
+    the other jobs; the CPU time counts the work each loader does."""
+    cpu_start = cpu_seconds()
     made = make()
     info = made if hasattr(made, "dataloader") else None  # open_clip_train's DataInfo
     loader = info.dataloader if info is not None else made
+    delivered = 0
     for epoch in range(epochs + 1):
         if info is not None:
             info.set_epoch(epoch)
         if epoch == 1:
             start, images = time.perf_counter(), 0
         for batch in loader:
+            delivered += batch_images(batch)
             if epoch >= 1:
                 images += batch_images(batch)
-    return images / (time.perf_counter() - start)
+    rate = images / (time.perf_counter() - start)
+    del made, info, loader, batch  # the workers exit and are joined: their CPU time is counted
+    gc.collect()
+    return rate, 1000 * (cpu_seconds() - cpu_start) / delivered
 
 
 def main() -> None:
@@ -173,6 +191,7 @@ def main() -> None:
         "open_clip_train wds | clipft / open_clip_train shards |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    cpu_lines: list[str] = []
     for name, (table, shards) in workloads(Path(args.work), args.synthetic_size).items():
         shard_spec = f"{shards}/shard-{{000000..000007}}.tar"
         runs: dict[str, Callable[[], Any]] = {
@@ -183,10 +202,13 @@ def main() -> None:
             runs["open_clip_train CSV"] = lambda: csv_oc(str(table), transform, tokenizer, args.workers, args.batch)
             runs["open_clip_train wds"] = lambda: wds_oc(shard_spec, transform, tokenizer, args.workers, args.batch)
         rates: dict[str, list[float]] = {key: [] for key in runs}
+        cpu: dict[str, list[float]] = {key: [] for key in runs}
         for r in range(args.rounds):
             for key in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                rates[key].append(images_per_second(runs[key], args.epochs))
-                print(f"  {name} round {r} {key}: {rates[key][-1]:.0f} images/s", file=sys.stderr, flush=True)
+                rate, ms = images_per_second(runs[key], args.epochs)
+                rates[key].append(rate)
+                cpu[key].append(ms)
+                print(f"  {name} round {r} {key}: {rate:.0f} images/s, {ms:.2f} CPU ms/image", file=sys.stderr, flush=True)
         images = sum(1 for _ in table.open()) - 1
 
         def cell(key: str) -> str:
@@ -198,14 +220,30 @@ def main() -> None:
             per_round = [a / b for a, b in zip(rates[ours], rates[theirs])]
             return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}–{max(per_round):.2f})"
 
+        def cpu_ratio(ours: str, theirs: str) -> str:  # CPU per image: theirs / ours = how much more we deliver
+            if theirs not in cpu:
+                return "n/a"
+            per_round = [b / a for a, b in zip(cpu[ours], cpu[theirs])]
+            return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}–{max(per_round):.2f})"
+
         lines.append(
             f"| {name} | {images} | {cell('clipft CSV')} | {cell('open_clip_train CSV')} | "
             f"{ratio('clipft CSV', 'open_clip_train CSV')} | {cell('clipft shards')} | {cell('open_clip_train wds')} | "
             f"{ratio('clipft shards', 'open_clip_train wds')} |"
         )
-    lines.append("")
-    lines.append("Images/s: the median over the rounds. Load average at the end: "
-                 f"{os.getloadavg()[0]:.1f}.")
+        cpu_lines.append(
+            f"| {name} | {statistics.median(cpu['clipft CSV']):.2f} | "
+            + (f"{statistics.median(cpu['open_clip_train CSV']):.2f}" if "open_clip_train CSV" in cpu else "n/a")
+            + f" | {cpu_ratio('clipft CSV', 'open_clip_train CSV')} | {statistics.median(cpu['clipft shards']):.2f} | "
+            + (f"{statistics.median(cpu['open_clip_train wds']):.2f}" if "open_clip_train wds" in cpu else "n/a")
+            + f" | {cpu_ratio('clipft shards', 'open_clip_train wds')} |"
+        )
+    lines += ["", "Images/s: the median over the rounds. CPU ms per image (the loader's process and workers, "
+              "from its creation to its workers' exit, warm-up included; median over the rounds), and the ratio "
+              "open_clip_train / clipft per round (> 1: clipft does less work per image):", "",
+              "| workload | clipft CSV | open_clip_train CSV | CSV ratio | clipft shards | open_clip_train wds | shards ratio |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", *cpu_lines, "",
+              f"Load average at the end: {os.getloadavg()[0]:.1f}."]
     if missing:
         lines += ["", f"open_clip_train: {missing}"]
     text = "\n".join(lines)
