@@ -17,15 +17,19 @@ e.g. `pip install --target /tmp/octrain --no-deps pandas pytz tzdata`, and pass 
 
 Each loader runs one warm-up epoch (worker start-up), then --epochs timed epochs; images/s is
 images delivered / wall time of the timed epochs (per-epoch start-up and shuffle-buffer filling
-included). Loaders run in two rounds in opposite orders, and the better round counts, because
-the 2-core machine is shared.
+included). Loaders run in --rounds interleaved rounds (every loader once per round, the order
+reversed every other round), and each ratio is taken within a round, so that a change of the
+machine's load hits both sides of it: the table gives the median ratio and its min–max.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import os
+import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -126,19 +130,35 @@ def batch_images(batch: Any) -> int:
     return len(batch.images) if hasattr(batch, "images") else len(batch[0])
 
 
-def images_per_second(make: Callable[[], Any], epochs: int) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its ended (joined) child processes."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def images_per_second(make: Callable[[], Any], epochs: int) -> tuple[float, float]:
+    """(images/s of the timed epochs, CPU ms per image over the loader's whole life): the CPU
+    time of this process and of the loader's workers, from its creation to their exit, warm-up
+    epoch included, over every image it delivered. On a shared machine the wall time moves with
+    the other jobs; the CPU time counts the work each loader does."""
+    cpu_start = cpu_seconds()
     made = make()
     info = made if hasattr(made, "dataloader") else None  # open_clip_train's DataInfo
     loader = info.dataloader if info is not None else made
+    delivered = 0
     for epoch in range(epochs + 1):
         if info is not None:
             info.set_epoch(epoch)
         if epoch == 1:
             start, images = time.perf_counter(), 0
         for batch in loader:
+            delivered += batch_images(batch)
             if epoch >= 1:
                 images += batch_images(batch)
-    return images / (time.perf_counter() - start)
+    rate = images / (time.perf_counter() - start)
+    del made, info, loader, batch  # the workers exit and are joined: their CPU time is counted
+    gc.collect()
+    return rate, 1000 * (cpu_seconds() - cpu_start) / delivered
 
 
 def main() -> None:
@@ -146,6 +166,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every loader")
     parser.add_argument("--synthetic-size", type=int, default=3000)
     parser.add_argument("--work", default="/tmp/clipft-data-throughput")
     parser.add_argument("--octrain", help="extra path with open_clip_train's missing dependencies (pandas)")
@@ -161,13 +182,16 @@ def main() -> None:
     csv_oc, wds_oc, missing = octrain_loaders(args.octrain)
     lines = [
         f"Images/s of training loaders: {args.workers} DataLoader workers, batch {args.batch}, open_clip's 224 px "
-        f"training preprocess and ViT-B-32 tokenizer, {args.epochs} timed epochs after a warm-up epoch, best of 2 "
-        f"rounds; {os.cpu_count()} CPU cores (shared).",
+        f"training preprocess and ViT-B-32 tokenizer, {args.epochs} timed epochs after a warm-up epoch; "
+        f"{args.rounds} interleaved rounds (each round runs every loader once, the order reversed every other "
+        f"round); the ratios are per round (clipft and open_clip_train of the same round), min / median / max; "
+        f"{os.cpu_count()} CPU cores.",
         "",
-        "| workload | images | clipft CSV | clipft shards | open_clip_train CSV | open_clip_train wds | "
-        "clipft/open_clip_train CSV | clipft/open_clip_train shards |",
+        "| workload | images | clipft CSV | open_clip_train CSV | clipft / open_clip_train CSV | clipft shards | "
+        "open_clip_train wds | clipft / open_clip_train shards |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    cpu_lines: list[str] = []
     for name, (table, shards) in workloads(Path(args.work), args.synthetic_size).items():
         shard_spec = f"{shards}/shard-{{000000..000007}}.tar"
         runs: dict[str, Callable[[], Any]] = {
@@ -177,25 +201,49 @@ def main() -> None:
         if csv_oc is not None and wds_oc is not None:
             runs["open_clip_train CSV"] = lambda: csv_oc(str(table), transform, tokenizer, args.workers, args.batch)
             runs["open_clip_train wds"] = lambda: wds_oc(shard_spec, transform, tokenizer, args.workers, args.batch)
-        best: dict[str, float] = {}
-        for order in (list(runs), list(reversed(runs))):
-            for key in order:
-                rate = images_per_second(runs[key], args.epochs)
-                best[key] = max(best.get(key, 0.0), rate)
-                print(f"  {name} {key}: {rate:.0f} images/s", file=sys.stderr)
+        rates: dict[str, list[float]] = {key: [] for key in runs}
+        cpu: dict[str, list[float]] = {key: [] for key in runs}
+        for r in range(args.rounds):
+            for key in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                rate, ms = images_per_second(runs[key], args.epochs)
+                rates[key].append(rate)
+                cpu[key].append(ms)
+                print(f"  {name} round {r} {key}: {rate:.0f} images/s, {ms:.2f} CPU ms/image", file=sys.stderr, flush=True)
         images = sum(1 for _ in table.open()) - 1
 
         def cell(key: str) -> str:
-            return f"{best[key]:.0f}" if key in best else "n/a"
+            return f"{statistics.median(rates[key]):.0f}" if key in rates else "n/a"
 
         def ratio(ours: str, theirs: str) -> str:
-            return f"{best[ours] / best[theirs]:.2f}x" if theirs in best else "n/a"
+            if theirs not in rates:
+                return "n/a"
+            per_round = [a / b for a, b in zip(rates[ours], rates[theirs])]
+            return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}–{max(per_round):.2f})"
+
+        def cpu_ratio(ours: str, theirs: str) -> str:  # CPU per image: theirs / ours = how much more we deliver
+            if theirs not in cpu:
+                return "n/a"
+            per_round = [b / a for a, b in zip(cpu[ours], cpu[theirs])]
+            return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}–{max(per_round):.2f})"
 
         lines.append(
-            f"| {name} | {images} | {cell('clipft CSV')} | {cell('clipft shards')} | {cell('open_clip_train CSV')} | "
-            f"{cell('open_clip_train wds')} | {ratio('clipft CSV', 'open_clip_train CSV')} | "
+            f"| {name} | {images} | {cell('clipft CSV')} | {cell('open_clip_train CSV')} | "
+            f"{ratio('clipft CSV', 'open_clip_train CSV')} | {cell('clipft shards')} | {cell('open_clip_train wds')} | "
             f"{ratio('clipft shards', 'open_clip_train wds')} |"
         )
+        cpu_lines.append(
+            f"| {name} | {statistics.median(cpu['clipft CSV']):.2f} | "
+            + (f"{statistics.median(cpu['open_clip_train CSV']):.2f}" if "open_clip_train CSV" in cpu else "n/a")
+            + f" | {cpu_ratio('clipft CSV', 'open_clip_train CSV')} | {statistics.median(cpu['clipft shards']):.2f} | "
+            + (f"{statistics.median(cpu['open_clip_train wds']):.2f}" if "open_clip_train wds" in cpu else "n/a")
+            + f" | {cpu_ratio('clipft shards', 'open_clip_train wds')} |"
+        )
+    lines += ["", "Images/s: the median over the rounds. CPU ms per image (the loader's process and workers, "
+              "from its creation to its workers' exit, warm-up included; median over the rounds), and the ratio "
+              "open_clip_train / clipft per round (> 1: clipft does less work per image):", "",
+              "| workload | clipft CSV | open_clip_train CSV | CSV ratio | clipft shards | open_clip_train wds | shards ratio |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", *cpu_lines, "",
+              f"Load average at the end: {os.getloadavg()[0]:.1f}."]
     if missing:
         lines += ["", f"open_clip_train: {missing}"]
     text = "\n".join(lines)

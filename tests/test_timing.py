@@ -3,10 +3,13 @@ out, samples per second."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -61,10 +64,25 @@ def test_step_times_leave_out_the_first_step_and_evaluation_and_count_the_data_w
     assert times.samples_per_s == pytest.approx(32 * 4 / 8.5)
 
 
-def test_a_run_reports_its_timing(fast_overrides: list[str]) -> None:
+def test_a_run_reports_its_timing(fast_overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    logged: list[int] = []  # the global step of every training-step self.log("train/loss")
+    log = L.LightningModule.log
+
+    def spy(self: L.LightningModule, name: str, *args: Any, **kwargs: Any) -> None:
+        if name == "train/loss":
+            logged.append(self.trainer.global_step)
+        log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(L.LightningModule, "log", spy)
     assert main(["fit", str(ROOT / "recipes" / "quickstart.yaml"), *fast_overrides, "trainer.max_steps=12",
-                 "trainer.val_check_interval=6"]) == 0
-    report = json.loads(next(Path(fast_overrides[-1].split("=", 1)[1]).glob("quickstart/*/report.json")).read_text())
+                 "trainer.val_check_interval=6", "trainer.log_every_n_steps=5"]) == 0
+    run_dir = next(Path(fast_overrides[-1].split("=", 1)[1]).glob("quickstart/*"))
+    # self.log only where the loggers write (every 5th step, as before) and at the last step (the
+    # trainer's callback_metrics end with the run's last loss)
+    assert logged == [4, 9, 11]
+    with (run_dir / "metrics.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [4, 9]
+    report = json.loads((run_dir / "report.json").read_text())
     timing = report["timing"]
     assert timing["steps"] == 12 and timing["eval_s"] > 0 and timing["train_s"] >= timing["eval_s"]
     assert 0 < timing["step_s_median"] <= timing["step_s_p90"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -27,6 +27,16 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def to(self, device: torch.device) -> "Batch":
+        """This batch with its tensors on ``device`` (the batch itself when they are there already;
+        asynchronous copies to a GPU, which the data loader's pinned memory allows)."""
+        moved = {
+            f.name: value.to(device, non_blocking=device.type == "cuda")
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor) and value.device != device
+        }
+        return replace(self, **moved) if moved else self
 
     def chunks(self, size: int) -> list["Batch"]:
         """Consecutive micro-batches of ``size`` rows (the last may be shorter): every field

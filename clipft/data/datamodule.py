@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from clipft.config import DataConfig, NegativesConfig
 from clipft.data.batch import Batch
@@ -67,7 +67,7 @@ class CollatePairs:
         # a table with a negatives column gives (caption, its negatives) targets
         given = [t[1] for t in targets] if isinstance(targets[0], tuple) else None
         captions = [t[0] for t in targets] if given is not None else list(targets)
-        batch = Batch(torch.stack(images), self.tokenizer(captions), captions, list(image_ids), labels=labels)
+        batch = Batch(stack(images), self.tokenizer(captions), captions, list(image_ids), labels=labels)
         if self.negatives is not None:
             count, types = self.negatives.count, tuple(self.negatives.types)
             drawn = []
@@ -84,14 +84,21 @@ class CollatePairs:
         return batch
 
 
+def stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; inside a DataLoader worker written straight into shared memory, as
+    ``default_collate`` does, so that the batch reaches the main process without another copy
+    (a float batch of 64 images of 224 px is 38 MB)."""
+    return default_collate(list(images))
+
+
 def stack_images(items: Sequence[tuple[torch.Tensor, Any, str]]) -> torch.Tensor:
-    return torch.stack([item[0] for item in items])
+    return stack([item[0] for item in items])
 
 
 def collate_labelled(items: Sequence[tuple[torch.Tensor, int | Labelled, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels, _ = zip(*items)
     labels = tuple(t.label if isinstance(t, Labelled) else t for t in labels)
-    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
+    return stack(images), torch.as_tensor(labels, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------ data module
@@ -203,6 +210,13 @@ class ImageTextDataModule(L.LightningDataModule):
                 log.warning("%s: %d bad training samples skipped so far (data.on_bad_sample)", self.cfg.train,
                             self.skipped_samples)
         return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A :class:`Batch` moves its own tensors: Lightning's generic walk copies a dataclass field
+        by field, lists of captions included (~1-2 ms a step on a CPU, where nothing moves)."""
+        if isinstance(batch, Batch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.prepare_sources()

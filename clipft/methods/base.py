@@ -403,13 +403,28 @@ class ContrastiveMethod(L.LightningModule):
         batch_size = len(batch)
         # by logged name, for the divergence guard to name a term that goes non-finite
         self.step_terms = {f"train/{name}": value.detach() for name, value in terms.items()}
-        # averaged over the devices (each computes the loss of its own rows against every
-        # device's batch): the logged loss is the global batch's, as one device would log it
-        for name, value in self.step_terms.items():
-            self.log(name, value, batch_size=batch_size, sync_dist=True)
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log("train/logit_scale", self.logit_scale.detach(), batch_size=batch_size)
+        if self.logs_this_step():
+            # averaged over the devices (each computes the loss of its own rows against every
+            # device's batch): the logged loss is the global batch's, as one device would log it
+            for name, value in self.step_terms.items():
+                self.log(name, value, batch_size=batch_size, sync_dist=True)
+            self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size, sync_dist=True)
+            self.log("train/logit_scale", self.logit_scale.detach(), batch_size=batch_size)
         return total
+
+    def logs_this_step(self) -> bool:
+        """Whether the loggers receive this training step's values: every trainer.log_every_n_steps
+        steps (Lightning writes only those), the last step of the run or epoch, and outside a
+        Trainer. Each ``self.log`` costs ~0.3 ms of host time, which the other steps skip (the
+        progress bar shows the last logged loss)."""
+        if self._trainer is None:
+            return True
+        trainer = self.trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is None or connector.should_update_logs:
+            return True
+        last_step = trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps
+        return last_step or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         """Validation loss, and the features the retrieval callback reuses."""

@@ -58,6 +58,24 @@ def test_synthetic_batches(bundle) -> None:
     assert dm.summary() == {"source": "synthetic", "train_size": 20, "val_size": 10}
 
 
+def test_a_batch_moves_its_own_tensors(bundle) -> None:
+    """The data module's transfer hook: the batch itself when its tensors are on the device already
+    (no copy on a CPU run), otherwise a copy with every tensor field moved and the rest kept."""
+    cfg = load_config(None, ["data.batch_size=4", "data.synthetic.train_size=8", "data.negatives.count=2"])
+    dm = ImageTextDataModule(cfg.data, bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer, seed=0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    meta = torch.device("meta")
+    moved = dm.transfer_batch_to_device(batch, meta, 0)
+    assert isinstance(moved, Batch) and moved is not batch and batch.images.device.type == "cpu"
+    for name in ("images", "texts", "negative_texts", "negative_valid"):
+        assert getattr(moved, name).device == meta and getattr(moved, name).shape == getattr(batch, name).shape
+    assert moved.captions is batch.captions and moved.negative_captions is batch.negative_captions
+    pairs = (torch.zeros(2, 3), torch.ones(2))  # any other batch: Lightning's own transfer
+    assert all(t.device == meta for t in dm.transfer_batch_to_device(pairs, meta, 0))
+
+
 def test_csv_source_and_zero_shot_table(tmp_path: Path, bundle) -> None:
     (tmp_path / "img").mkdir()
     for i in range(4):
