@@ -114,3 +114,40 @@ def test_zero_shot_classes_from_a_classes_file_on_one_split(styles: tuple[Path, 
         source("csv").zeroshot_images(task, seed=0, image_size=8)
     with pytest.raises(ConfigError, match=r"^eval\.zeroshot\[0\]\.split='val' is not a split of .*\(splits: train, test\)$"):
         load_config(None, [f"eval.zeroshot=[{{name: g, source: csv, data: {flat}, split_file: splits.json}}]"])
+
+
+def test_the_emoji_classifier_recipe_scores_its_group_tasks_by_its_head(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """recipes/classifier_twemoji.yaml on stand-ins of the emoji folders: the head's classes
+    (data.classes over the group column, names from classes.json) are the group task's of both
+    eval.sets, names and order, so the group tasks are scored by the head; subgroup stays zero-shot."""
+    from types import SimpleNamespace
+
+    from clipft.eval.sets import build_eval_set
+    from clipft.methods.classifier import Classifier, ClassHead
+
+    subgroups = {"animal": "mammal", "food": "fruit", "sign": "arrow"}
+    for style in ("twemoji64", "noto64"):
+        folder = tmp_path / style
+        (folder / "images").mkdir(parents=True)
+        with (folder / "captions.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "caption", "group", "subgroup", "hexcode"])
+            for n, group in enumerate([*GROUPS, *GROUPS]):
+                Image.new("RGB", (8, 8), (20 * n, 0, 0)).save(folder / "images" / f"{n}.png")
+                writer.writerow([f"images/{n}.png", f"emoji {n}", group, subgroups[group], str(n)])
+        (folder / "splits.json").write_text(json.dumps({"train": ["0", "1", "2"], "test": ["3", "4", "5"]}))
+        (folder / "classes.json").write_text(json.dumps({
+            "groups": [{"key": k, "text": v} for k, v in GROUPS.items()],
+            "subgroups": [{"key": v, "text": f"{v} things"} for v in subgroups.values()]}))
+    monkeypatch.setenv("CLIPFT_DATA", str(tmp_path))
+    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "classifier_twemoji.yaml", ["model.pretrained=null"])
+    dm = ImageTextDataModule(cfg.data, T.ToTensor(), T.ToTensor(), lambda texts: texts)
+    dm.prepare_sources()
+    names = [dm.classes.names[c] for c in dm.train_classes]
+    assert names == ["animals and nature", "food and drink", "symbols"]
+    method = SimpleNamespace(head_ready=True, head=ClassHead.empty(3, 4, names))
+    for spec in cfg.eval.sets:
+        tasks = {t.name: t for t in build_eval_set(spec, cfg.data, T.ToTensor()).tasks}
+        assert Classifier.head_for(method, tasks["group"].class_names) is method.head, spec.name
+        assert Classifier.head_for(method, tasks["subgroup"].class_names) is None
