@@ -105,8 +105,10 @@ def build_model(cfg: ModelConfig, meta: bool = False) -> ModelBundle:
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 cfg.name, pretrained=tag, cache_dir=cfg.cache_dir, device=torch.get_default_device(),
                 # an HF text tower's own weights load only from a local folder (never the hub),
-                # and not when a whole-model file follows
-                pretrained_text=_local_hf_text_tower(cfg.name) and not (tag or pretrained),
+                # not when a whole-model file follows, and not on the meta device (nothing loads
+                # there: transformers refuses from_pretrained under it)
+                pretrained_text=_local_hf_text_tower(cfg.name) and not (tag or pretrained)
+                and torch.get_default_device().type != "meta",
             )
     except (RuntimeError, OSError, ValueError) as err:
         if cfg.name.startswith("hf-hub:"):

@@ -33,6 +33,15 @@ def test_tower_weights_are_the_package_weights(locked) -> None:
             assert torch.equal(transformer.get_parameter(key).detach(), stored), key
 
 
+def test_the_structure_on_the_meta_device_counts_the_same_parameters(locked) -> None:
+    """clipft info / the memory estimate build the model on the meta device, where transformers
+    refuses to load the tower's weights: the structure comes without them, and counts the same."""
+    meta = build_model(ModelConfig(name="clipft-lit-minilm", lock_text=True), meta=True).model
+    assert all(p.is_meta for p in meta.parameters())
+    assert [(n, p.shape, p.requires_grad) for n, p in meta.named_parameters()] == [
+        (n, p.shape, p.requires_grad) for n, p in locked.model.named_parameters()]
+
+
 def test_tokenizer_offline(locked) -> None:
     tokens = locked.tokenizer(["an emoji of a cat", "a smiling face"])
     assert tokens.shape == (2, 32)
