@@ -9,6 +9,11 @@ per-class recall) on the twemoji and noto test splits (``val/sets/<set>/zeroshot
 the run's final report.json, or with ``--step N`` from its validation at step N in metrics.csv
 (to compare runs at a step every one of them reached); and the wall time from the run folder's
 start (its name) to its report.
+
+A row whose run folders all hold a WiSE-FT sweep (``wise_ft.json``, from ``clipft wise-ft RUN``)
+is followed by a row of the sweep at each run's best α (the α with the best mean over the sets):
+the same columns, mean ± s.d. over the seeds, the α of each seed in its label. The sweep
+interpolates the final weights, so this row is left out with ``--step``.
 """
 
 from __future__ import annotations
@@ -55,15 +60,24 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def row(label: str, runs: list[Path], step: Optional[int]) -> str:
-    found = [metrics_at(run, step) for run in runs]
+def best_alpha(run: Path) -> tuple[float, dict[str, float]]:
+    """The best α of the run's WiSE-FT sweep (wise_ft.json) and that α's metrics."""
+    sweep = json.loads((run / "wise_ft.json").read_text())
+    best = next(r for r in sweep["rows"] if r["alpha"] == sweep["best_alpha"])
+    return sweep["best_alpha"], best["metrics"]
+
+
+def row(label: str, runs: list[Path], step: Optional[int], found: Optional[list[dict[str, float]]] = None) -> str:
+    """One table row: the runs' final or step-``step`` metrics, or those given (``found``, no wall time)."""
+    timed = found is None and step is None
+    found = found or [metrics_at(run, step) for run in runs]
     cells = []
     for task in TASKS:
         for name in SETS:
             top1 = cell([m[key(name, task, "top1")] for m in found])
             balanced = cell([m[key(name, task, "mean_per_class_recall")] for m in found])
             cells.append(f"{top1} / {balanced}")
-    wall = "–" if step is not None else f"{statistics.mean(wall_s(r) for r in runs):.0f}"
+    wall = f"{statistics.mean(wall_s(r) for r in runs):.0f}" if timed else "–"
     return f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {wall} |"
 
 
@@ -80,6 +94,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not runs:
             sys.exit(f"{label}: no run folder with a report.json matches {pattern}")
         lines.append(row(label, runs, args.step))
+        if args.step is None and all((run / "wise_ft.json").is_file() for run in runs):
+            alphas, found = zip(*(best_alpha(run) for run in runs))
+            lines.append(row(f"{label} WiSE-FT at best α (α = {', '.join(f'{a:g}' for a in alphas)})", runs, None,
+                             list(found)))
     print("\n".join(lines))
 
 
