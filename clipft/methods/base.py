@@ -268,8 +268,8 @@ class ContrastiveMethod(L.LightningModule):
 
     def log_pair_geometry(self, image_features: Tensor, text_features: Tensor) -> None:
         """Log the batch's modality gap (distance between the centroids of the unit image and
-        text embeddings) and mean distance between paired embeddings."""
-        if self._trainer is None:
+        text embeddings) and mean distance between paired embeddings, on the steps that log."""
+        if self._trainer is None or not self.logs_this_step():
             return
         with torch.no_grad():
             image_unit, text_unit = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
