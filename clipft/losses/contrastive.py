@@ -76,11 +76,16 @@ def clip_contrastive_loss(
     )
     targets: Tensor = torch.arange(image_features.shape[0], device=image_features.device) + offset
     if positives is not None:
-        rows = torch.arange(positives.shape[0], device=positives.device)
-        if not bool(positives[rows, rows + offset].all()):
-            raise ValueError("positives: each row's own pair must be among its positives")
+        check_own_pairs(positives, offset)
         targets = positives.float() / positives.sum(dim=1, keepdim=True)
     return (F.cross_entropy(upcast(logits_per_image), targets) + F.cross_entropy(upcast(logits_per_text), targets)) / 2
+
+
+def check_own_pairs(positives: Tensor, offset: int) -> None:
+    """``positives`` ``[B, N]`` must hold each local row's own pair (column ``offset + i``)."""
+    rows = torch.arange(positives.shape[0], device=positives.device)
+    if not bool(positives[rows, rows + offset].all()):
+        raise ValueError("positives: each row's own pair must be among its positives")
 
 
 def upcast(logits: Tensor) -> Tensor:
@@ -111,12 +116,11 @@ def siglip_loss(
     """
     all_text = text_features if all_text_features is None else all_text_features
     logits = upcast(logit_scale * image_features @ all_text.T + logit_bias)
-    rows = torch.arange(image_features.shape[0], device=logits.device)
     if positives is None:
-        signs = -torch.ones_like(logits)
-        signs[rows, rows + offset] = 1.0
+        rows = torch.arange(image_features.shape[0], device=logits.device)
+        positives = torch.zeros_like(logits, dtype=torch.bool)
+        positives[rows, rows + offset] = True
     else:
-        if not bool(positives[rows, rows + offset].all()):
-            raise ValueError("positives: each row's own pair must be among its positives")
-        signs = positives.to(logits.dtype) * 2 - 1
+        check_own_pairs(positives, offset)
+    signs = positives.to(logits.dtype) * 2 - 1  # z_ij = +1 for a positive, -1 otherwise
     return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]

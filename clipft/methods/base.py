@@ -423,7 +423,7 @@ class ContrastiveMethod(L.LightningModule):
         connector = getattr(trainer, "_logger_connector", None)
         if connector is None or connector.should_update_logs:
             return True
-        last_step = trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps
+        last_step = 0 < trainer.max_steps <= trainer.global_step + 1  # max_steps -1: none
         return last_step or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
