@@ -78,7 +78,8 @@ def workloads(work: Path, synthetic_size: int) -> dict[str, tuple[Path, Path]]:
             rows = [(TWEMOJI / r["image"], r["caption"]) for r in csv.DictReader(f)]
         out["twemoji224"] = write_jpegs(rows, work / "twemoji224", 224)
     scenes = SyntheticScenes("train", synthetic_size, 0, 32)
-    out["synthetic224"] = write_jpegs(((s["image"], s["caption"]) for s in scenes), work / "synthetic224", 224)
+    # one folder per size: a folder written for another --synthetic-size is not reused
+    out["synthetic224"] = write_jpegs(((s["image"], s["caption"]) for s in scenes), work / f"synthetic224_n{synthetic_size}", 224)
     result = {}
     for name, table in out.items():
         rows = sum(1 for _ in table.open()) - 1
