@@ -374,6 +374,12 @@ class ZeroShotTaskConfig:
     templates: Optional[list[str]] = None
     template_set: Optional[str] = None
     ensemble: str = "mean"  # mean (OpenAI) | max (max score over templates)
+    # csv/folder: score each class by the best of its subclasses' prompts (CHiLS, Novack et al.
+    # 2023: classify into the finer label set, report the coarse class): the name of a list in
+    # the `names` file whose items are {key, text, <label_key>: the class} (classes.json's
+    # subgroups, with label_key: group), or a JSON file {label: [subclass name, ...]} (relative
+    # to the table's folder). null: the classes' own names
+    subclasses: Optional[str] = None
 
 
 @dataclass
@@ -407,7 +413,8 @@ class EvalSetConfig:
     shifted: bool = False  # a distribution-shift set (WiSE-FT's y axis); false: in-domain
     retrieval: bool = True  # image<->text R@K on the set's pairs (eval.retrieval.ks)
     # zero-shot tasks on the set's images: a task's data / split / image key are the set's; it
-    # gives name, label_key, names, classnames, subset, templates / template_set, ensemble
+    # gives name, label_key, names, classnames, subset, templates / template_set, ensemble,
+    # subclasses
     zeroshot: list[ZeroShotTaskConfig] = field(default_factory=list)
 
 
@@ -750,6 +757,8 @@ def _check_values(cfg: DictConfig) -> None:
         checks.append((task.size > 0, f"{where}.size", "must be > 0"))
         for template in task.templates or []:
             checks.append(("{}" in template, f"{where}.templates", f"template {template!r} has no {{}} for the class name"))
+        checks.append((task.subclasses is None or task.source != "synthetic" or where.startswith("eval.sets"), f"{where}.subclasses",
+                       "works on tables and image folders (source csv / folder), not on the synthetic tasks"))
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message} (got {OmegaConf.select(cfg, key.split('[')[0])!r})")

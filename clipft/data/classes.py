@@ -80,14 +80,7 @@ def read_class_names(path: str | Path, labels: Sequence[str], key: str = "data.c
     values are lists of ``{"key": label, "text" (or "name"): class name}`` objects (as the emoji
     data sets' classes.json); every label must be in it."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{key}: class-name file '{path}' not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object {{label: class name}}")
+    data = _read_json(path, key)
     mapping = {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
     for value in data.values():  # lists of {key, text|name} objects
         for item in value if isinstance(value, list) else []:
@@ -97,6 +90,52 @@ def read_class_names(path: str | Path, labels: Sequence[str], key: str = "data.c
     if missing:
         raise DataError(f"{path}: no class name for labels {missing[:10]}")
     return mapping
+
+
+def read_subclasses(spec: str, folder: Path, names_file: Optional[Path], labels: Sequence[str], label_key: str,
+                    key: str) -> list[list[str]]:
+    """The subclass names of each label, in the order of ``labels``: from a JSON file ``{label:
+    [subclass name, ...]}`` (``spec`` ends in .json, relative to ``folder``), or from the list
+    ``spec`` of the class-name file, whose items are ``{"key", "text" (or "name"), <label_key>:
+    label}`` (the emoji data sets' ``subgroups``, each naming its ``group``). Every label needs
+    at least one subclass."""
+    if spec.endswith(".json"):
+        path = Path(spec) if Path(spec).is_absolute() else folder / spec
+        data = _read_json(path, key)
+        by_label = {str(k): [str(n) for n in v] for k, v in data.items() if isinstance(v, list)}
+    else:
+        if names_file is None:
+            raise DataError(f"{key}={spec!r}: a list of the class-name file needs `names` (e.g. names: classes.json), "
+                            "or give a JSON file {label: [subclass name, ...]}")
+        data = _read_json(names_file, key)
+        items = data.get(spec)
+        if not isinstance(items, list):
+            lists = [k for k, v in data.items() if isinstance(v, list)]
+            raise DataError(f"{names_file}: no list '{spec}' for {key} (lists there: {', '.join(lists) or 'none'})")
+        by_label = {}
+        for item in items:
+            if isinstance(item, dict) and label_key in item and ("text" in item or "name" in item):
+                by_label.setdefault(str(item[label_key]), []).append(str(item.get("text", item.get("name"))))
+        if not by_label:
+            raise DataError(f"{names_file}: the items of '{spec}' need a '{label_key}' field naming their class "
+                            f"(and a 'text' or 'name'), for {key}")
+        path = names_file
+    missing = [label for label in labels if not by_label.get(label)]
+    if missing:
+        raise DataError(f"{path}: no subclasses for labels {missing[:10]} ({key})")
+    return [by_label[label] for label in labels]
+
+
+def _read_json(path: Path, key: str) -> dict:
+    if not path.is_file():
+        raise DataError(f"{key}: file '{path}' not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
 
 
 def few_shot_indices(labels: Sequence[int], shots: int, seed: int, classes: Sequence[int]) -> list[int]:

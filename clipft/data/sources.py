@@ -23,7 +23,7 @@ from PIL import Image
 
 from clipft.config import ConfigError, DataConfig, ZeroShotTaskConfig, data_source, register_data_source
 from clipft.data import synthetic
-from clipft.data.classes import read_class_names
+from clipft.data.classes import read_class_names, read_subclasses
 from clipft.data.shards import ShardFetch, ShardSet, check_first_sample, epoch_length, expand_shards, index_shards, is_table
 from clipft.data.synthetic import SyntheticScenes, label_of, one_object_eval_set
 from clipft.data.table import DataError, Split, Table, concat_tables, load_rgb, read_image_folder, read_split_file, read_table
@@ -104,6 +104,7 @@ class LabelledImages:
     class_names: list[str]
     prompts: Optional[Callable[[str], list[str]]] = None  # the source's own prompts of a class; None: the task's templates
     array_size: Optional[int] = None  # images are uint8 arrays of this size (transforms.array_transform); None: PIL
+    subclasses: Optional[list[list[str]]] = None  # each class's subclass names (task.subclasses); None: none
 
 
 # ------------------------------------------------------------------------ the base and the registry
@@ -259,11 +260,13 @@ class LabelledFiles(DataSource):
         unknown = sorted(set(table.texts) - set(index))
         if unknown:
             raise DataError(f"{task.data}: labels not in eval.zeroshot '{task.name}' classnames: {unknown[:10]}")
-        if task.names:
-            file = Path(task.names) if Path(task.names).is_absolute() else Path(task.data or "").parent / task.names
-            display = read_class_names(file, labels, key=f"eval.zeroshot '{task.name}'.names")
-            return LabelledImages(TableFetch(table, index), [display[label] for label in labels])
-        return LabelledImages(TableFetch(table, index), labels)
+        folder = Path(task.data or "").parent
+        file = (Path(task.names) if Path(task.names).is_absolute() else folder / task.names) if task.names else None
+        display = read_class_names(file, labels, key=f"eval.zeroshot '{task.name}'.names") if file else {}
+        subclasses = read_subclasses(task.subclasses, folder, file, labels, task.label_key,
+                                     key=f"eval.zeroshot '{task.name}'.subclasses") if task.subclasses else None
+        return LabelledImages(TableFetch(table, index), [display.get(label, label) for label in labels],
+                              subclasses=subclasses)
 
 
 def _rows_with(table: Table, labels: set[str]) -> Table:

@@ -21,6 +21,7 @@ from clipft.data.datamodule import ShardSampler, collate_labelled
 from clipft.eval.metrics import (
     ImageTextRetrieval,
     ZeroShotAccuracy,
+    best_subclass_logits,
     build_zero_shot_classifier,
     zero_shot_logits,
 )
@@ -252,6 +253,8 @@ class ZeroShotTask:
     class_names: list[str]
     templates: Sequence[str] | Callable[[str], Sequence[str]]
     ensemble: str = "mean"
+    # each class's subclass names: a class scores the best of its subclasses (CHiLS); None: its name
+    subclasses: Optional[list[list[str]]] = None
 
 
 class ZeroShotCallback(L.Callback):
@@ -260,7 +263,8 @@ class ZeroShotCallback(L.Callback):
     exactly the task's classes, in its order) is scored by that head's logits instead.
 
     Templates are combined by the mean of their embeddings (OpenAI) or by the maximum score
-    over templates (see :func:`clipft.eval.metrics.zero_shot_logits`). On several devices each
+    over templates (see :func:`clipft.eval.metrics.zero_shot_logits`). A task with subclasses
+    scores each class by its best subclass (:func:`clipft.eval.metrics.best_subclass_logits`). On several devices each
     rank encodes its shard of the images (the same number of batches on every rank, as ZeRO-3
     needs) and every rank the class prompts; the features are gathered, each image once.
     """
@@ -282,8 +286,11 @@ class ZeroShotCallback(L.Callback):
         head_for = getattr(pl_module, "head_for", None)
         head = head_for(task.class_names) if head_for is not None else None
         with encoder.context():
-            classifier = None if head is not None else build_zero_shot_classifier(encoder.texts, task.class_names,
-                                                                                   task.templates)
+            names, parent = task.class_names, None
+            if task.subclasses is not None:  # the prompts of every subclass; parent: the class of each
+                names = [name for subs in task.subclasses for name in subs]
+                parent = torch.tensor([c for c, subs in enumerate(task.subclasses) for _ in subs], device=pl_module.device)
+            classifier = None if head is not None else build_zero_shot_classifier(encoder.texts, names, task.templates)
             for images, batch_labels in _sharded_loader(pl_module, task.dataset, self.batch_size, self.num_workers):
                 features = encoder.images(images)  # every batch, padding too: ZeRO-3 needs every rank's forward
                 keep = min(len(batch_labels), real)
@@ -291,6 +298,8 @@ class ZeroShotCallback(L.Callback):
                 if keep:
                     logits = head(features[:keep]) if head is not None else zero_shot_logits(
                         features[:keep], classifier, task.ensemble)
+                    if head is None and parent is not None:
+                        logits = best_subclass_logits(logits, parent, len(task.class_names))
                     metric.update(logits, batch_labels[:keep].to(pl_module.device))
         # torchmetrics sums the counts of every rank (each sample once)
         return {key: value.item() for key, value in metric.compute().items()}

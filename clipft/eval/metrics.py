@@ -344,6 +344,32 @@ def check_logits_and_labels(logits: Tensor, labels: Tensor, n_classes: Optional[
         )
 
 
+def best_subclass_logits(subclass_logits: Tensor, parent: Tensor, num_classes: int) -> Tensor:
+    """Class scores from subclass scores: each class takes the best score of its subclasses.
+
+    CHiLS (Novack et al., "CHiLS: Zero-Shot Image Classification with Hierarchical Label
+    Sets", ICML 2023) classifies into the finer label set and reports the coarse class of the
+    prediction; the top-1 of these scores is exactly that, and top-K ranks the classes by
+    their best subclass.
+
+    Args:
+        subclass_logits: ``[N, S]`` scores of ``S`` subclasses (e.g. :func:`zero_shot_logits`).
+        parent: ``[S]`` the class index of each subclass, in ``[0, num_classes)``.
+        num_classes: ``C``; every class needs at least one subclass.
+
+    Returns:
+        ``[N, C]`` scores.
+    """
+    if subclass_logits.ndim != 2 or parent.shape != (subclass_logits.shape[1],):
+        raise ValueError(f"expected [N, S] scores and [S] parents, got {tuple(subclass_logits.shape)} "
+                         f"and {tuple(parent.shape)}")
+    if parent.unique().numel() != num_classes or int(parent.min()) < 0 or int(parent.max()) >= num_classes:
+        raise ValueError(f"every one of the {num_classes} classes needs a subclass")
+    out = subclass_logits.new_full((subclass_logits.shape[0], num_classes), float("-inf"))
+    index = parent.to(subclass_logits.device).expand_as(subclass_logits)
+    return out.scatter_reduce(1, index, subclass_logits, reduce="amax", include_self=True)
+
+
 def build_zero_shot_classifier(
     encode_text: Callable[[list[str]], Tensor],
     class_names: Sequence[str],

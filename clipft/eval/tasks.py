@@ -45,4 +45,5 @@ def build_zeroshot_task(
         class_names=images.class_names,
         templates=images.prompts or list(cfg.templates or TEMPLATE_SETS[cfg.template_set or "single"]),
         ensemble=cfg.ensemble,
+        subclasses=images.subclasses,
     )

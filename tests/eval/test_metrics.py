@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from clipft.eval.metrics import (
+    best_subclass_logits,
     build_zero_shot_classifier,
     relevance_from_pairs,
     retrieval_recall,
@@ -280,6 +281,21 @@ def test_mean_and_max_ensembles_disagree() -> None:
     assert max_logits.argmax(dim=1).item() == 0
     # Default is OpenAI's mean ensembling.
     assert torch.equal(zero_shot_logits(image, class_text), mean_logits)
+
+
+def test_best_subclass_logits_is_the_max_over_each_class_subclasses() -> None:
+    torch.manual_seed(0)
+    scores = torch.randn(7, 5)
+    parent = torch.tensor([2, 0, 2, 1, 0])
+    got = best_subclass_logits(scores, parent, 3)
+    for c in range(3):
+        assert torch.equal(got[:, c], scores[:, parent == c].max(dim=1).values)
+    # its top-1 is the class of the best subclass (CHiLS without reweighting)
+    assert torch.equal(got.argmax(1), parent[scores.argmax(1)])
+    with pytest.raises(ValueError, match="every one of the 4 classes needs a subclass"):
+        best_subclass_logits(scores, parent, 4)
+    with pytest.raises(ValueError, match=r"expected \[N, S\] scores and \[S\] parents"):
+        best_subclass_logits(scores, parent[:4], 3)
 
 
 def test_zero_shot_logits_errors() -> None:

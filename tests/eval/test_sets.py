@@ -5,6 +5,7 @@ the classes, the report, and the recipe checks."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from clipft.config import ConfigError, DataConfig, EvalSetConfig, ZeroShotTaskConfig, load_config
+from clipft.data.table import DataError
 from clipft.eval.callbacks import RunReport
 from clipft.eval.sets import EvalSetsCallback, build_eval_set, set_metric_names
 
@@ -121,6 +123,49 @@ def test_recipe_sets_are_checked_and_name_their_metrics(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [bad])
+
+
+def test_a_class_scored_by_its_best_subclass(tmp_path: Path) -> None:
+    """CHiLS-style zero-shot (``subclasses``): classes warm (red) and cool (green, blue); the blue
+    drawing is purple (red 0.62, blue 0.78 after normalising). By the classes' own names (warm:
+    "red", cool: "green") it is warm; by the best subclass cool (blue 0.78 > red 0.62); by the
+    mean of cool's subclass prompts it would be warm again (0.78 / sqrt 2 = 0.55 < 0.62)."""
+    table = write_set(tmp_path / "tones", (200, 0, 255))
+    folder = table.parent
+    rows = list(csv.DictReader(table.open()))
+    for row in rows:
+        row["tone"] = "warm" if row["colour"] == "red" else "cool"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "classes.json").write_text(json.dumps({
+        "tones": [{"key": "warm", "text": "red"}, {"key": "cool", "text": "green"}],
+        "colours": [{"key": c, "text": c, "tone": "warm" if c == "red" else "cool"} for c in COLOURS]}))
+    (folder / "tones.json").write_text(json.dumps({"warm": ["red"], "cool": ["green", "blue"]}))
+
+    def task(name: str, subclasses: str | None) -> ZeroShotTaskConfig:
+        return ZeroShotTaskConfig(name=name, label_key="tone", names="classes.json", templates=["an emoji of {}"],
+                                  subclasses=subclasses)
+
+    spec = EvalSetConfig(name="tones", data=str(table), split_file="splits.json", split_key="id", split="test",
+                         retrieval=False, zeroshot=[task("flat", None), task("listed", "colours"), task("file", "tones.json")])
+    module = ColourModule()
+    EvalSetsCallback([build_eval_set(spec, DataConfig(), T.ToTensor())], ks=(1,)).on_validation_epoch_end(module.trainer, module)
+    got = module.logged
+    assert got["val/sets/tones/zeroshot/flat/top1"] == pytest.approx(2 / 3)  # purple 'blue' read as warm
+    assert got["val/sets/tones/zeroshot/listed/top1"] == 1.0
+    assert got["val/sets/tones/zeroshot/file/top1"] == 1.0
+    assert got["val/sets/tones/zeroshot/file/mean_per_class_recall"] == 1.0
+    # a class without subclasses, a missing list, and the synthetic tasks: one line each
+    (folder / "tones.json").write_text(json.dumps({"warm": ["red"]}))
+    bad = dataclasses.replace(spec, zeroshot=[task("file", "tones.json")])
+    with pytest.raises(DataError, match=r"tones\.json: no subclasses for labels \['cool'\]"):
+        build_eval_set(bad, DataConfig(), T.ToTensor())
+    with pytest.raises(DataError, match=r"classes\.json: no list 'subgroups' .*\(lists there: tones, colours\)"):
+        build_eval_set(dataclasses.replace(spec, zeroshot=[task("x", "subgroups")]), DataConfig(), T.ToTensor())
+    with pytest.raises(ConfigError, match=r"^eval\.zeroshot\[0\]\.subclasses: works on tables and image folders"):
+        load_config(None, ["eval.zeroshot=[{name: shape, subclasses: parts}]"])
 
 
 def test_a_run_logs_its_sets_and_may_monitor_their_mean(tmp_path: Path, fast_overrides: list[str]) -> None:
