@@ -1,7 +1,7 @@
 """The table of benchmarks/results/two_styles.md from run folders of the emoji recipes.
 
     python benchmarks/two_styles.py "lit_twemoji=runs/bench/lit_twemoji_s*/lit_twemoji/*" \\
-        "lit_two_styles=runs/bench/two_styles_s*/lit_two_styles/*" [--step 600]
+        "lit_two_styles=runs/bench/two_styles_s*/lit_two_styles/*" [--step 600] [--tasks group group_by_subgroup]
 
 Each argument is LABEL=GLOB: the run folders (one per seed) of one row; a row over several
 seeds gives mean ± s.d. Columns: group and subgroup zero-shot top-1 / balanced accuracy (mean
@@ -67,12 +67,13 @@ def best_alpha(run: Path) -> tuple[float, dict[str, float]]:
     return sweep["best_alpha"], best["metrics"]
 
 
-def row(label: str, runs: list[Path], step: Optional[int], found: Optional[list[dict[str, float]]] = None) -> str:
+def row(label: str, runs: list[Path], step: Optional[int], found: Optional[list[dict[str, float]]] = None,
+        tasks: tuple[str, ...] = TASKS) -> str:
     """One table row: the runs' final or step-``step`` metrics, or those given (``found``, no wall time)."""
     timed = found is None and step is None
     found = found or [metrics_at(run, step) for run in runs]
     cells = []
-    for task in TASKS:
+    for task in tasks:
         for name in SETS:
             top1 = cell([m[key(name, task, "top1")] for m in found])
             balanced = cell([m[key(name, task, "mean_per_class_recall")] for m in found])
@@ -85,19 +86,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", nargs="+", metavar="LABEL=GLOB")
     parser.add_argument("--step", type=int, default=None, help="the validation at this step instead of the final one")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS),
+                        help="the zero-shot tasks of the columns (e.g. group group_by_subgroup)")
     args = parser.parse_args(argv)
-    header = ["run", "seeds"] + [f"{name} {task} top-1 / balanced" for task in TASKS for name in SETS] + ["wall s"]
+    tasks = tuple(args.tasks)
+    header = ["run", "seeds"] + [f"{name} {task} top-1 / balanced" for task in tasks for name in SETS] + ["wall s"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for item in args.rows:
         label, _, pattern = item.partition("=")
         runs = sorted(Path(p) for p in glob.glob(pattern) if (Path(p) / "report.json").is_file())
         if not runs:
             sys.exit(f"{label}: no run folder with a report.json matches {pattern}")
-        lines.append(row(label, runs, args.step))
+        lines.append(row(label, runs, args.step, tasks=tasks))
         if args.step is None and all((run / "wise_ft.json").is_file() for run in runs):
             alphas, found = zip(*(best_alpha(run) for run in runs))
             lines.append(row(f"{label} WiSE-FT at best α (α = {', '.join(f'{a:g}' for a in alphas)})", runs, None,
-                             list(found)))
+                             list(found), tasks))
     print("\n".join(lines))
 
 
