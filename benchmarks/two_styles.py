@@ -50,7 +50,7 @@ def metrics_at(run: Path, step: Optional[int]) -> dict[str, float]:
 
 def wall_s(run: Path) -> float:
     """Seconds from the run folder's start time (its name, YYYYmmdd-HHMMSS) to its report."""
-    start = datetime.strptime(run.name, "%Y%m%d-%H%M%S").timestamp()
+    start = datetime.strptime(run.resolve().name, "%Y%m%d-%H%M%S").timestamp()  # a link: its target's name
     return (run / "report.json").stat().st_mtime - start
 
 
