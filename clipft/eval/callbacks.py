@@ -287,7 +287,7 @@ class ZeroShotCallback(L.Callback):
         head = head_for(task.class_names) if head_for is not None else None
         with encoder.context():
             names, parent = task.class_names, None
-            if task.subclasses is not None:  # the prompts of every subclass; parent: the class of each
+            if head is None and task.subclasses is not None:  # every subclass's prompts; parent: the class of each
                 names = [name for subs in task.subclasses for name in subs]
                 parent = torch.tensor([c for c, subs in enumerate(task.subclasses) for _ in subs], device=pl_module.device)
             classifier = None if head is not None else build_zero_shot_classifier(encoder.texts, names, task.templates)
@@ -298,7 +298,7 @@ class ZeroShotCallback(L.Callback):
                 if keep:
                     logits = head(features[:keep]) if head is not None else zero_shot_logits(
                         features[:keep], classifier, task.ensemble)
-                    if head is None and parent is not None:
+                    if parent is not None:
                         logits = best_subclass_logits(logits, parent, len(task.class_names))
                     metric.update(logits, batch_labels[:keep].to(pl_module.device))
         # torchmetrics sums the counts of every rank (each sample once)
